@@ -1,0 +1,155 @@
+"""Building blocks shared by the text encoder, the UNet and the VAE.
+
+One implementation of each: multi-head attention, the residual block, the 2× down/up samplers and the
+sinusoidal timestep embedding. Module and parameter names follow the Hub checkpoints (``to_q``,
+``time_emb_proj``, ``conv_shortcut``, ...) so the weight map stays a short list of renames.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["Attention", "Downsample", "ResBlock", "Upsample", "timestep_embedding"]
+
+
+class Attention(nn.Module):
+    """Multi-head scaled dot-product attention (eq. 1 of Vaswani et al. 2017) over token sequences.
+
+    Self-attention when ``context`` is None, cross-attention on ``context`` otherwise. The four
+    projections are separate Linear layers, as in the checkpoints.
+    """
+
+    def __init__(
+        self,
+        query_dim: int,
+        *,
+        num_heads: int,
+        head_dim: int,
+        context_dim: int | None = None,
+        qkv_bias: bool = False,
+        causal: bool = False,
+        upcast: bool = False,
+    ) -> None:
+        super().__init__()
+        inner_dim = num_heads * head_dim
+        context_dim = query_dim if context_dim is None else context_dim
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.causal = causal
+        self.upcast = upcast
+        self.to_q = nn.Linear(query_dim, inner_dim, bias=qkv_bias)
+        self.to_k = nn.Linear(context_dim, inner_dim, bias=qkv_bias)
+        self.to_v = nn.Linear(context_dim, inner_dim, bias=qkv_bias)
+        self.to_out = nn.Linear(inner_dim, query_dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
+        batch = x.shape[0]
+        # [B, N, H*D] -> [B, H, N, D]
+        q, k, v = (
+            proj(source).view(batch, -1, self.num_heads, self.head_dim).transpose(1, 2)
+            for proj, source in ((self.to_q, x), (self.to_k, context), (self.to_v, context))
+        )
+        out_dtype = q.dtype
+        if self.upcast and out_dtype in (torch.float16, torch.bfloat16):
+            # SD 2.x's 768-px UNet was trained with attention in float32; its half-precision
+            # logits q·kᵀ can overflow, which shows up as NaN/black images.
+            q, k, v = q.float(), k.float(), v.float()
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal).to(out_dtype)
+        # [B, H, N, D] -> [B, N, H*D]
+        out = out.transpose(1, 2).reshape(batch, -1, self.num_heads * self.head_dim)
+        return self.to_out(out)
+
+
+class ResBlock(nn.Module):
+    """Pre-activation residual block (He et al. 2016) as used by DDPM (Ho et al. 2020, appendix B).
+
+    The timestep embedding, when given, is projected to a per-channel bias between the two convs.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        time_emb_dim: int | None = None,
+        num_groups: int = 32,
+        eps: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.GroupNorm(num_groups, in_channels, eps=eps)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
+        self.time_emb_proj = None if time_emb_dim is None else nn.Linear(time_emb_dim, out_channels)
+        self.norm2 = nn.GroupNorm(num_groups, out_channels, eps=eps)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
+        self.conv_shortcut = (
+            None if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, kernel_size=1)
+        )
+
+    def forward(self, x: torch.Tensor, time_emb: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        if self.time_emb_proj is not None:
+            if time_emb is None:
+                raise ValueError("this ResBlock was built with time_emb_dim, so forward needs time_emb")
+            h = h + self.time_emb_proj(F.silu(time_emb))[:, :, None, None]
+        h = self.conv2(F.silu(self.norm2(h)))
+        shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        return shortcut + h
+
+
+class Downsample(nn.Module):
+    """Halves the resolution with a stride-2 3×3 conv."""
+
+    def __init__(self, channels: int, *, asymmetric_padding: bool = False) -> None:
+        super().__init__()
+        # The LDM VAE pads only right and bottom (its conv has padding 0); the UNet pads 1 on every side.
+        # Both are kept because the trained weights expect their own alignment.
+        self.asymmetric_padding = asymmetric_padding
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=0 if asymmetric_padding else 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.asymmetric_padding:
+            x = F.pad(x, (0, 1, 0, 1))
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Doubles the resolution (nearest neighbour), then a 3×3 conv."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+
+    def forward(self, x: torch.Tensor, *, size: tuple[int, int] | torch.Size | None = None) -> torch.Tensor:
+        # `size` lets the UNet match an odd-sized skip connection (a latent side that is not a multiple
+        # of 2**levels); for even sizes it equals the ×2 scale factor.
+        if size is None:
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        else:
+            x = F.interpolate(x, size=tuple(size), mode="nearest")
+        return self.conv(x)
+
+
+def timestep_embedding(
+    t: torch.Tensor, dim: int, *, flip_sin_to_cos: bool = True, freq_shift: float = 0
+) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps, [N] -> [N, dim] float32.
+
+    Frequencies as in section 3.5 of Vaswani et al. 2017, applied to the diffusion step as in DDPM
+    (Ho et al. 2020): ω_i = 10000^(-i / (dim/2 - freq_shift)). Fractional t (from Karras-σ samplers)
+    interpolates smoothly between the integer steps the network was trained on.
+    """
+    if t.ndim != 1:
+        raise ValueError(f"timesteps must be a 1-D tensor [N], got shape {tuple(t.shape)}")
+    half = dim // 2
+    exponent = -math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - freq_shift)
+    angles = t.float()[:, None] * torch.exp(exponent)[None, :]
+    sin, cos = torch.sin(angles), torch.cos(angles)
+    emb = torch.cat([cos, sin] if flip_sin_to_cos else [sin, cos], dim=-1)
+    if dim % 2 == 1:
+        emb = F.pad(emb, (0, 1))
+    return emb

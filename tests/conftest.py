@@ -19,6 +19,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # The CI tests run tiny networks for which thread start-up costs more than it saves, and
+    # a second busy process (the app server under test) makes OpenMP's spinning threads fight
+    # over the 2 cores: one thread is many times faster here. Full-size checks keep them all.
+    if not config.getoption("--runslow"):
+        torch.set_num_threads(1)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if config.getoption("--runslow"):
         return

@@ -1,0 +1,225 @@
+"""End-to-end checks of text-to-image and image-to-image against diffusers' pipelines.
+
+The same tiny random weights, seeds and scheduler settings go through our pipeline and through
+diffusers' ``StableDiffusionPipeline`` / ``StableDiffusionImg2ImgPipeline``; the images must agree
+to within 1/255 per pixel.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, PngImagePlugin
+
+from conftest import build_tiny_reference_pipeline
+from stable_diffusion.hub import load
+from stable_diffusion.pipelines import GenerationCancelled, save_png
+
+SIZE = 32  # pixels; the tiny VAE downsamples 2x, so 16x16 latents
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return build_tiny_reference_pipeline("sd1")
+
+
+@pytest.fixture(scope="module")
+def ours(tiny_sd1_folder):
+    return load(tiny_sd1_folder, device="cpu", dtype=torch.float32)
+
+
+def reference_scheduler(name: str, pipe):
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler
+
+    # The same scheduler settings as ours: SD's config leaves timestep_spacing out, and each
+    # diffusers scheduler class then picks its own default ("leading" for DDIM, "linspace" for
+    # DPM-Solver); our SchedulerConfig reads the missing key as SD's "leading".
+    config = pipe.scheduler.config
+    if name == "ddim":
+        return DDIMScheduler.from_config(config, timestep_spacing="leading")
+    if name == "dpmpp_2m":
+        return DPMSolverMultistepScheduler.from_config(config, timestep_spacing="leading")
+    if name == "euler_a":
+        return EulerAncestralDiscreteScheduler.from_config(config, timestep_spacing="leading")
+    raise KeyError(name)
+
+
+def as_uint8(images) -> np.ndarray:
+    return np.stack([np.asarray(image, dtype=np.int16) for image in images])
+
+
+def reference_images(pipe, **kwargs) -> np.ndarray:
+    out = pipe(output_type="np", **kwargs).images
+    return (out * 255).round().astype(np.int16)
+
+
+def test_infotext_and_tokens_helpers(ours):
+    window = ours._token_windows("a photo of a cat")
+    assert len(window) == 1 and len(window[0]) == 77
+    expected = ours.tokenizer("a photo of a cat", padding="max_length", max_length=77, truncation=True).input_ids
+    assert window[0] == expected
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m", "euler_a"])
+def test_text_to_image_matches_diffusers(reference, ours, sampler):
+    reference.scheduler = reference_scheduler(sampler, reference)
+    kwargs = dict(prompt="a red circle on a blue background", negative_prompt="blurry, green", height=SIZE, width=SIZE,
+                  num_inference_steps=8, guidance_scale=6.0)
+    expected = reference_images(reference, generator=[torch.Generator().manual_seed(42), torch.Generator().manual_seed(43)],
+                                num_images_per_prompt=2, **kwargs)
+    result = ours.text_to_image(kwargs["prompt"], kwargs["negative_prompt"], width=SIZE, height=SIZE, steps=8,
+                                guidance_scale=6.0, sampler=sampler, seed=42, num_images=2)
+    assert result.seeds == [42, 43]
+    assert [image.size for image in result.images] == [(SIZE, SIZE)] * 2
+    assert np.abs(as_uint8(result.images) - expected).max() <= 1
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m"])
+def test_image_to_image_matches_diffusers(reference, ours, sampler):
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    img2img = StableDiffusionImg2ImgPipeline(**reference.components)
+    img2img.scheduler = reference_scheduler(sampler, reference)
+    rng = np.random.default_rng(0)
+    start = Image.fromarray(rng.integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8))
+    expected = reference_images(img2img, prompt="a square", negative_prompt="", image=start, strength=0.6,
+                                num_inference_steps=10, guidance_scale=5.0, generator=[torch.Generator().manual_seed(7)])
+    result = ours.image_to_image(start, "a square", strength=0.6, steps=10, guidance_scale=5.0, sampler=sampler, seed=7)
+    assert np.abs(as_uint8(result.images) - expected).max() <= 1
+
+
+def test_guidance_one_is_a_single_conditional_pass(reference, ours):
+    reference.scheduler = reference_scheduler("ddim", reference)
+    expected = reference_images(reference, prompt="a cat", height=SIZE, width=SIZE, num_inference_steps=5,
+                                guidance_scale=1.0, generator=[torch.Generator().manual_seed(3)])
+    result = ours.text_to_image("a cat", width=SIZE, height=SIZE, steps=5, guidance_scale=1.0, sampler="ddim", seed=3)
+    assert np.abs(as_uint8(result.images) - expected).max() <= 1
+
+
+def test_same_seed_same_image_and_seed_i_is_seed_plus_i(ours):
+    options = dict(width=SIZE, height=SIZE, steps=4, sampler="euler_a")
+    first = ours.text_to_image("a cat", seed=11, num_images=2, **options)
+    again = ours.text_to_image("a cat", seed=11, num_images=2, **options)
+    alone = ours.text_to_image("a cat", seed=12, **options)
+    assert np.array_equal(as_uint8(first.images), as_uint8(again.images))
+    assert np.abs(as_uint8(first.images[1:]) - as_uint8(alone.images)).max() <= 1
+    assert not np.array_equal(as_uint8(first.images[:1]), as_uint8(first.images[1:]))
+    drawn = ours.text_to_image("a cat", **options)
+    assert isinstance(drawn.seeds[0], int) and f"Seed: {drawn.seeds[0]}" in drawn.parameters[0]
+
+
+def test_long_prompts_are_encoded_in_windows(ours):
+    long_prompt = ", ".join(["a very detailed painting of a lighthouse"] * 12)
+    windows = ours._token_windows(long_prompt)
+    assert len(windows) >= 2 and all(len(w) == 77 for w in windows)
+    context = ours.encode_prompt(long_prompt)
+    assert context.shape == (1, 77 * len(windows), ours.text_encoder.config.hidden_size)
+    first = torch.tensor([windows[0]])
+    with torch.inference_mode():
+        alone = ours.text_encoder(first)
+    torch.testing.assert_close(context[:, :77], alone)
+    # The negative prompt is padded to the same number of windows, and generation works.
+    result = ours.text_to_image(long_prompt, "ugly", width=SIZE, height=SIZE, steps=2, seed=1)
+    assert result.images[0].size == (SIZE, SIZE)
+
+
+def test_callback_and_cancel(ours):
+    seen = []
+    ours.text_to_image("a cat", width=SIZE, height=SIZE, steps=5, sampler="euler", seed=0,
+                       callback=lambda step, total, x0: seen.append((step, total, tuple(x0.shape))))
+    assert [s for s, _, _ in seen] == list(range(5)) and all(t == 5 for _, t, _ in seen)
+    preview = ours.preview(torch.zeros(1, 4, SIZE // 2, SIZE // 2))
+    assert preview[0].size == (SIZE, SIZE)
+
+    class StopAfterTwo:
+        calls = 0
+
+        def is_set(self) -> bool:
+            self.calls += 1
+            return self.calls > 2
+
+    with pytest.raises(GenerationCancelled):
+        ours.text_to_image("a cat", width=SIZE, height=SIZE, steps=5, seed=0, cancel=StopAfterTwo())
+
+
+def test_png_carries_parameters(ours, tmp_path):
+    result = ours.text_to_image("a cat", "a dog", width=SIZE, height=SIZE, steps=3, guidance_scale=7.0,
+                                sampler="dpmpp_2m_karras", seed=5)
+    path = tmp_path / "out.png"
+    save_png(result.images[0], path, result.parameters[0])
+    text = Image.open(path).text["parameters"]
+    lines = text.split("\n")
+    assert lines[0] == "a cat" and lines[1] == "Negative prompt: a dog"
+    assert lines[2].startswith("Steps: 3, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 5, Size: 32x32, Model: ")
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(width=30), "multiple of 8"),
+        (dict(width=4096, height=4096), "budget"),
+        (dict(steps=0), "steps"),
+        (dict(steps=5000), "steps"),
+        (dict(guidance_scale=-1.0), "guidance_scale"),
+        (dict(guidance_scale=100.0), "guidance_scale"),
+        (dict(sampler="plms"), "dpmpp_2m_karras"),
+        (dict(num_images=0), "num_images"),
+        (dict(num_images=100), "num_images"),
+        (dict(seed=-5), "seed"),
+        (dict(clip_skip=0), "clip_skip"),
+    ],
+)
+def test_bad_text_to_image_input(ours, kwargs, message):
+    options = dict(width=SIZE, height=SIZE, steps=2)
+    options.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        ours.text_to_image("a cat", **options)
+
+
+@pytest.mark.parametrize("prompt", ["", "   \n\t", None])
+def test_empty_prompt_is_rejected(ours, prompt):
+    with pytest.raises(ValueError, match="prompt"):
+        ours.text_to_image(prompt, width=SIZE, height=SIZE, steps=2)
+
+
+def test_huge_prompt_is_rejected(ours):
+    with pytest.raises(ValueError, match="too long"):
+        ours.text_to_image("cat " * 2000, width=SIZE, height=SIZE, steps=2)
+
+
+def test_bad_image_to_image_input(ours):
+    image = Image.new("RGB", (SIZE, SIZE))
+    with pytest.raises(ValueError, match="image"):
+        ours.image_to_image(None, "a cat", steps=2)
+    with pytest.raises(ValueError, match="strength"):
+        ours.image_to_image(image, "a cat", strength=0.0, steps=2)
+    with pytest.raises(ValueError, match="strength"):
+        ours.image_to_image(image, "a cat", strength=1.5, steps=2)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "L", "P", "LA", "I;16", "CMYK"])
+def test_image_modes_are_accepted(ours, mode):
+    rng = np.random.default_rng(1)
+    rgb = Image.fromarray(rng.integers(0, 255, (SIZE + 5, SIZE + 3, 3), dtype=np.uint8))
+    image = rgb.convert("RGBA").convert(mode) if mode != "I;16" else rgb.convert("L").convert("I;16")
+    result = ours.image_to_image(image, "a cat", strength=0.5, steps=2, seed=0)
+    # Its own size, rounded down to multiples of 8.
+    assert result.images[0].size == (SIZE, SIZE)
+
+
+def test_nan_output_is_a_clear_error(ours, monkeypatch):
+    monkeypatch.setattr(ours.vae, "decode", lambda latents: torch.full((latents.shape[0], 3, SIZE, SIZE), float("nan")))
+    with pytest.raises(ValueError, match="NaN"):
+        ours.text_to_image("a cat", width=SIZE, height=SIZE, steps=2, seed=0)
+
+
+def test_bfloat16_runs_close_to_float32(tiny_sd1_folder):
+    fp32 = load(tiny_sd1_folder, device="cpu", dtype=torch.float32)
+    bf16 = load(tiny_sd1_folder, device="cpu", dtype=torch.bfloat16)
+    assert bf16.dtype == torch.bfloat16
+    options = dict(width=SIZE, height=SIZE, steps=6, sampler="dpmpp_2m", seed=9)
+    a = as_uint8(fp32.text_to_image("a cat", **options).images).astype(np.float64)
+    b = as_uint8(bf16.text_to_image("a cat", **options).images).astype(np.float64)
+    psnr = 10 * np.log10(255.0**2 / max(np.mean((a - b) ** 2), 1e-12))
+    assert psnr > 25, psnr

@@ -384,7 +384,7 @@ class StableDiffusion:
             raise ValueError(f"The input image must be a PIL image or an array, got {type(image).__name__}.")
         if image.width < 1 or image.height < 1:
             raise ValueError("The input image is empty (0 pixels).")
-        image = _to_rgb(image)
+        image = to_rgb(image)
         if width is None and height is None:
             # The image's own size, scaled down into the pixel budget, rounded down to 8.
             shrink = min(1.0, math.sqrt(self.max_pixels / (image.width * image.height)))
@@ -451,7 +451,7 @@ class _Request:
         return "\n".join(lines)
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+def to_rgb(image: Image.Image) -> Image.Image:
     """RGB from any PIL mode: transparency is composited on white, palettes and gray expanded."""
     image = ImageOps.exif_transpose(image)
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):

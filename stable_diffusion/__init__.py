@@ -1,0 +1,22 @@
+"""Stable Diffusion written from scratch in PyTorch.
+
+``load(source)`` returns a :class:`StableDiffusion` pipeline with ``text_to_image`` and
+``image_to_image``; the networks (``clip``, ``unet``, ``vae``), schedules, denoisers and samplers
+are plain modules meant to be read.
+"""
+
+from .hub import DEFAULT_MODEL, ModelLoadError, load, save
+from .pipelines import Generation, GenerationCancelled, StableDiffusion, save_png
+from .samplers import SAMPLER_NAMES
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "Generation",
+    "GenerationCancelled",
+    "ModelLoadError",
+    "SAMPLER_NAMES",
+    "StableDiffusion",
+    "load",
+    "save",
+    "save_png",
+]

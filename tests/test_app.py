@@ -1,0 +1,343 @@
+"""End-to-end tests of the Gradio app: the real ``app.py`` in a subprocess, called through its API.
+
+A tiny random model (our networks at their ``tiny()`` configs, the real SD 1.5 tokenizer) is saved
+in the Hub layout once per session and served on a free localhost port. Every tab's endpoint is
+called through ``gradio_client`` as a remote user would: image sizes, non-blank pixels, seeds that
+reproduce, the PNG parameters chunk, concurrent users and bad inputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+from PIL import Image
+from transformers import CLIPTokenizer
+
+from stable_diffusion.clip import CLIPTextConfig, CLIPTextModel
+from stable_diffusion.hub import load, save
+from stable_diffusion.pipelines import StableDiffusion
+from stable_diffusion.schedules import SchedulerConfig
+from stable_diffusion.unet import UNet, UNetConfig
+from stable_diffusion.vae import AutoencoderKL, VAEConfig
+
+REPO = Path(__file__).resolve().parents[1]
+APP = REPO / "app.py"
+TOKENIZER = REPO / "tests" / "fixtures" / "hub-layouts" / "stable-diffusion-v1-5" / "tokenizer"
+EXAMPLE_IMAGE = REPO / "examples" / "images" / "house.png"
+STARTUP_TIMEOUT_S = 180
+
+# Small and quick on two CPU cores; every request below uses these unless it tests something else.
+FAST = dict(negative_prompt="", sampler="euler", steps=3, guidance_scale=7.5, width=64, height=64, num_images=1)
+
+
+# ------------------------------------------------------------------------------------ helpers
+def make_tiny_model(folder: Path) -> Path:
+    """Save a tiny random pipeline (fixed seed) in the Hub layout with ``stable_diffusion.hub.save``."""
+    torch.manual_seed(0)
+    pipe = StableDiffusion(
+        text_encoder=CLIPTextModel(CLIPTextConfig.tiny()).eval(),
+        unet=UNet(UNetConfig.tiny()).eval(),
+        vae=AutoencoderKL(VAEConfig.tiny()).eval(),
+        tokenizer=CLIPTokenizer.from_pretrained(TOKENIZER),
+        scheduler=SchedulerConfig(),
+        name="tiny-random",
+    )
+    save(pipe, folder)
+    return folder
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_app(*args: str, log: Path) -> Iterator[str]:
+    """Run ``python app.py ARGS`` on a free 127.0.0.1 port; yield its URL once it answers."""
+    port = free_port()
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env.pop("SD_MODEL", None)
+    with open(log, "w") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, str(APP), "--host", "127.0.0.1", "--port", str(port), *args],
+            cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+        )
+        url = f"http://127.0.0.1:{port}/"
+        try:
+            deadline = time.monotonic() + STARTUP_TIMEOUT_S
+            while True:
+                if process.poll() is not None:
+                    pytest.fail(f"app.py exited with {process.returncode}:\n{log.read_text()}")
+                try:
+                    with urllib.request.urlopen(url, timeout=5):
+                        break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        pytest.fail(f"app.py did not answer within {STARTUP_TIMEOUT_S}s:\n{log.read_text()}")
+                    time.sleep(0.5)
+            yield url
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def wait_for(condition, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.1)
+
+
+def page_text(url: str) -> str:
+    """Every Markdown value on the page, from the app's config."""
+    with urllib.request.urlopen(url + "config", timeout=10) as response:
+        config = json.load(response)
+    return "\n".join(str(c["props"].get("value", "")) for c in config["components"] if c["type"] == "markdown")
+
+
+def gallery_images(gallery: list[dict]) -> list[Image.Image]:
+    images = []
+    for item in gallery:
+        image = Image.open(item["image"])
+        image.load()
+        images.append(image)
+    return images
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def assert_not_blank(image: Image.Image) -> None:
+    array = pixels(image)
+    assert array.std() > 2.0, f"the image is (almost) one flat colour: std {array.std():.2f}"
+
+
+# ------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="module")
+def app_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("app-log") / "app.log"
+
+
+@pytest.fixture(scope="module")
+def app_url(tiny_model: Path, app_log: Path) -> Iterator[str]:
+    with serve_app("--model", str(tiny_model), "--device", "cpu", "--dtype", "float32", log=app_log) as url:
+        yield url
+
+
+@pytest.fixture()
+def client(app_url: str, tmp_path: Path) -> Client:
+    return Client(app_url, verbose=False, download_files=str(tmp_path))
+
+
+def text_to_image(client: Client, prompt: str, *, seed: int, **options) -> tuple[list[dict], str]:
+    settings = {**FAST, **options}
+    gallery, _preview, parameters = client.predict(
+        prompt, settings["negative_prompt"], settings["sampler"], settings["steps"], settings["guidance_scale"],
+        settings["width"], settings["height"], seed, settings["num_images"], api_name="/text_to_image",
+    )
+    return gallery, parameters
+
+
+# ------------------------------------------------------------------------------------ tests
+def test_page_header_names_model_device_and_precision(app_url: str, tiny_model: Path) -> None:
+    text = page_text(app_url)
+    assert str(tiny_model) in text
+    assert "cpu" in text and "float32" in text
+
+
+def test_text_to_image_sizes_seeds_and_png_parameters(client: Client) -> None:
+    gallery, parameters = text_to_image(client, "a red circle on a blue background", seed=1234, num_images=2,
+                                        width=80, height=64)
+    images = gallery_images(gallery)
+    assert [image.size for image in images] == [(80, 64), (80, 64)]
+    for image in images:
+        assert_not_blank(image)
+    assert [item["caption"] for item in gallery] == ["seed 1234", "seed 1235"]
+    # The downloaded file is the PNG the app wrote, with the generation parameters chunk.
+    chunk = images[0].info["parameters"]
+    assert chunk.startswith("a red circle on a blue background\n")
+    assert "Seed: 1234" in chunk and "Size: 80x64" in chunk and "Steps: 3" in chunk
+    assert "Seed: 1235" in images[1].info["parameters"]
+    assert "Seed: 1234" in parameters and "Seed: 1235" in parameters
+
+    again, _ = text_to_image(client, "a red circle on a blue background", seed=1235, width=80, height=64)
+    np.testing.assert_array_equal(pixels(gallery_images(again)[0]), pixels(images[1]))
+
+
+def test_text_to_image_matches_the_pipeline_called_directly(client: Client, tiny_model: Path) -> None:
+    options = dict(negative_prompt="a green square", sampler="dpmpp_2m_karras", steps=4, guidance_scale=5.0,
+                   width=64, height=72, num_images=1)
+    gallery, _ = text_to_image(client, "a red circle on a blue background", seed=99, **options)
+    pipe = load(tiny_model, device="cpu", dtype=torch.float32)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the server runs (OMP_NUM_THREADS=1), so float sums round the same
+    try:
+        expected = pipe.text_to_image("a red circle on a blue background", seed=99, **options).images[0]
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_array_equal(pixels(gallery_images(gallery)[0]), pixels(expected))
+
+
+def test_random_seed_is_reported(client: Client) -> None:
+    gallery, parameters = text_to_image(client, "a green square", seed=-1)
+    seed = int(gallery[0]["caption"].removeprefix("seed "))
+    assert f"Seed: {seed}" in parameters
+    again, _ = text_to_image(client, "a green square", seed=seed)
+    np.testing.assert_array_equal(pixels(gallery_images(again)[0]), pixels(gallery_images(gallery)[0]))
+
+
+def test_live_previews_then_stop(client: Client, app_log: Path) -> None:
+    job = client.submit("a red circle", "", "euler", 6, 7.5, 64, 64, 3, 1, api_name="/text_to_image")
+    final_gallery, _, _ = job.result(timeout=60)
+    previews = [output for output in job.outputs()[:-1] if isinstance(output[1], str)]
+    assert previews, "no live preview was streamed"
+    for _gallery, preview, status in previews:
+        assert Image.open(preview).size == (64, 64)
+        assert status.startswith("Step ") and status.endswith(" of 6")
+    assert final_gallery[0]["caption"] == "seed 3"
+
+    # A long request, stopped after its first preview: the server says so and serves the next one.
+    job = client.submit("a red circle", "", "euler", 100, 7.5, 256, 256, 3, 4, api_name="/text_to_image")
+    wait_for(lambda: job.outputs(), "a first preview")
+    job.cancel()
+    wait_for(lambda: "Generation stopped" in app_log.read_text(), "the server to stop the generation")
+    gallery, _ = text_to_image(client, "a red circle", seed=1)
+    assert gallery_images(gallery)[0].size == (64, 64)
+
+
+def test_image_to_image(client: Client) -> None:
+    def redraw(seed: int, width: int, height: int) -> list[dict]:
+        gallery, _preview, parameters = client.predict(
+            handle_file(str(EXAMPLE_IMAGE)), 0.6, "a house on a hill", "", "euler", 4, 5.0, width, height, seed, 1,
+            api_name="/image_to_image",
+        )
+        assert "Denoising strength: 0.6" in parameters
+        return gallery
+
+    first = gallery_images(redraw(7, 64, 64))[0]
+    assert first.size == (64, 64)
+    assert_not_blank(first)
+    np.testing.assert_array_equal(pixels(gallery_images(redraw(7, 64, 64))[0]), pixels(first))
+    assert not np.array_equal(pixels(gallery_images(redraw(8, 64, 64))[0]), pixels(first))
+    assert gallery_images(redraw(7, 80, 48))[0].size == (80, 48)
+    # 0 x 0: the input's shape (square here) at the model's native size.
+    assert gallery_images(redraw(7, 0, 0))[0].size == (64, 64)
+
+
+def test_noise_schedule_tab(client: Client) -> None:
+    plot = client.predict(["linear", "scaled_linear", "cosine"], True, 1000, api_name="/schedule_plot")
+    assert plot["type"] == "matplotlib" and plot["plot"].startswith("data:image/")
+
+    args = (handle_file(str(EXAMPLE_IMAGE)), "scaled_linear", False, 1000, "0, 500, 999", 0)
+    strip = client.predict(*args, api_name="/noise_pixels")
+    assert [item["caption"].split(",")[0] for item in strip] == ["t = 0", "t = 500", "t = 999"]
+    clean, half, last = (pixels(image) for image in gallery_images(strip))
+    assert clean.shape == (256, 256, 3)
+    source = pixels(Image.open(EXAMPLE_IMAGE).resize((256, 256), Image.LANCZOS))
+    # x_t drifts away from x_0 as t grows: ᾱ goes from ~1 to ~0.
+    errors = [np.abs(image - source).mean() for image in (clean, half, last)]
+    assert errors[0] < 10 < errors[1] < errors[2]
+
+    latent_strip = client.predict(*args, api_name="/noise_latents")
+    latent_images = gallery_images(latent_strip)
+    assert len(latent_images) == 3 and latent_images[0].size == (256, 256)
+
+
+def test_two_clients_at_once_get_their_own_results(app_url: str, tmp_path: Path) -> None:
+    prompts = {11: "a red circle on a blue background", 22: "a yellow triangle on a green background"}
+    alone = {}
+    for seed, prompt in prompts.items():
+        client = Client(app_url, verbose=False, download_files=str(tmp_path / f"alone-{seed}"))
+        alone[seed] = pixels(gallery_images(text_to_image(client, prompt, seed=seed)[0])[0])
+
+    def run(seed: int) -> np.ndarray:
+        client = Client(app_url, verbose=False, download_files=str(tmp_path / f"together-{seed}"))
+        return pixels(gallery_images(text_to_image(client, prompts[seed], seed=seed)[0])[0])
+
+    with ThreadPoolExecutor(2) as pool:
+        together = dict(zip(prompts, pool.map(run, prompts), strict=True))
+    assert not np.array_equal(alone[11], alone[22])
+    for seed in prompts:
+        np.testing.assert_array_equal(together[seed], alone[seed])
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (dict(prompt=""), "prompt is empty"),
+        (dict(steps=500), "greater than maximum value 100"),  # the component's bounds, checked by the server
+        (dict(num_images=9), "greater than maximum value 4"),
+        (dict(guidance_scale=-1.0), "less than minimum value 0"),
+        (dict(sampler="plms"), "not in the list of choices"),
+        (dict(width=68), "multiple of 8"),  # the pipeline's own checks
+        (dict(width=2048, height=2048), "budget"),
+        (dict(seed=-5), "less than minimum value -1"),
+    ],
+)
+def test_bad_inputs_give_an_error_and_the_worker_lives_on(client: Client, options: dict, message: str) -> None:
+    prompt = options.pop("prompt", "a red circle")
+    seed = options.pop("seed", 1)
+    with pytest.raises(AppError) as error:
+        text_to_image(client, prompt, seed=seed, **options)
+    assert message.lower() in str(error.value).lower()
+    gallery, _ = text_to_image(client, "a red circle", seed=1)
+    assert gallery_images(gallery)[0].size == (64, 64)
+
+
+def test_bad_noise_tab_inputs(client: Client) -> None:
+    args = [handle_file(str(EXAMPLE_IMAGE)), "scaled_linear", False, 1000, "0, 1000", 0]
+    with pytest.raises(AppError, match="0 to T−1 = 999"):
+        client.predict(*args, api_name="/noise_pixels")
+    args[4] = "zero"
+    with pytest.raises(AppError, match="whole numbers"):
+        client.predict(*args, api_name="/noise_pixels")
+    with pytest.raises(AppError, match="at least one schedule"):
+        client.predict([], False, 1000, api_name="/schedule_plot")
+
+
+def test_starts_without_the_model_and_says_why(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-model"
+    with serve_app("--model", str(missing), "--device", "cpu", "--dtype", "float32", log=tmp_path / "app.log") as url:
+        assert "Could not load" in page_text(url)
+        client = Client(url, verbose=False, download_files=str(tmp_path))
+        strip = client.predict(handle_file(str(EXAMPLE_IMAGE)), "cosine", True, 1000, "0, 999", 0,
+                               api_name="/noise_pixels")
+        assert len(strip) == 2
+        if not (REPO / "models" / "tiny-shapes").is_dir():
+            with pytest.raises(AppError, match="No model is loaded"):
+                text_to_image(client, "a red circle", seed=1)
+
+
+def test_bad_flag_exits_with_a_message() -> None:
+    result = subprocess.run([sys.executable, str(APP), "--auth", "alice"], cwd=REPO, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2
+    assert "--auth must be USER:PASSWORD" in result.stderr

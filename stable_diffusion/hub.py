@@ -543,6 +543,11 @@ def save(pipe: StableDiffusion, folder: str | os.PathLike) -> Path:
         folder / "scheduler" / "scheduler_config.json", pipe.scheduler.to_hub_config(class_name="PNDMScheduler")
     )
     pipe.tokenizer.save_pretrained(folder / "tokenizer")
+    # transformers 5 writes only tokenizer.json; the classic vocab.json + merges.txt keep the folder
+    # in SD's layout, readable by older transformers and other tools.
+    backend = getattr(pipe.tokenizer, "backend_tokenizer", None)
+    if backend is not None and not (folder / "tokenizer" / "vocab.json").exists():
+        backend.model.save(str(folder / "tokenizer"))
     return folder
 
 
@@ -556,4 +561,5 @@ def _write_json(path: Path, data: Mapping[str, Any]) -> None:
 def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     write(tmp)
+    os.chmod(tmp, 0o644)  # some writers create private (0600) files; a model folder is for sharing
     os.replace(tmp, path)

@@ -38,6 +38,13 @@ def shapes() -> Image.Image:
     return image
 
 
+def square() -> Image.Image:
+    """One blue square on white: the kind of scene the bundled tiny-shapes model knows."""
+    image = Image.new("RGB", (SIZE, SIZE), (245, 245, 245))
+    ImageDraw.Draw(image).rectangle((150, 170, 350, 370), fill=(30, 70, 220))
+    return image
+
+
 def house() -> Image.Image:
     """A child's drawing of a house on a hill under a blue sky."""
     image = Image.new("RGB", (SIZE, SIZE), (120, 180, 240))
@@ -54,7 +61,7 @@ def house() -> Image.Image:
 
 def main() -> None:
     FOLDER.mkdir(parents=True, exist_ok=True)
-    for name, draw in (("sunset", sunset), ("shapes", shapes), ("house", house)):
+    for name, draw in (("sunset", sunset), ("shapes", shapes), ("house", house), ("square", square)):
         draw().save(FOLDER / f"{name}.png", optimize=True)
 
 

@@ -45,6 +45,8 @@ MAX_SEED = 2**63 - 1
 # windows at most (600 tokens): beyond it a prompt is almost surely a paste accident.
 MAX_PROMPT_WINDOWS = 8
 MAX_GUIDANCE_SCALE = 30.0
+# VAEs smaller than this decode live previews exactly; larger ones use a linear approximation.
+CHEAP_DECODE_PARAMETERS = 10_000_000
 
 SAMPLER_LABELS = {
     "ddpm": "DDPM",
@@ -242,10 +244,14 @@ class StableDiffusion:
     def preview(self, x0_latents: torch.Tensor) -> list[Image.Image]:
         """A cheap RGB preview of predicted-x0 latents, for live progress in a UI.
 
-        A fixed linear map from the 4 latent channels to RGB, fitted once per model by least
-        squares on one small decode (the SD VAE's latents are close to linearly related to
-        colour at 1/8 resolution), then upscaled: costs microseconds instead of a full decode.
+        A small VAE (under ``CHEAP_DECODE_PARAMETERS``) simply decodes. For a large one (SD's has
+        83 M parameters; a 512² decode costs more than a UNet step) a fixed linear map from the
+        latent channels to RGB, fitted once per model by least squares on one small decode (SD's
+        latents are close to linearly related to colour at 1/8 resolution), then upscaled: costs
+        microseconds instead of a full decode.
         """
+        if sum(p.numel() for p in self.vae.parameters()) < CHEAP_DECODE_PARAMETERS:
+            return self.decode(x0_latents)
         if self._latent_rgb is None:
             self._latent_rgb = self._fit_latent_rgb()
         latents = x0_latents.float().cpu() / self.vae.config.scaling_factor

@@ -64,7 +64,7 @@ def test_page_generates_and_screenshots_every_tab(tmp_path: Path) -> None:
 
             page.get_by_role("tab", name="Image to image").click()
             page.locator("#i2i-prompt textarea").wait_for(state="visible")
-            page.get_by_text("a cottage on a green hill").first.click()  # an example: image + prompt
+            page.get_by_text("a purple square on a yellow background").first.click()  # an example: image + prompt
             page.locator("#i2i-input img").first.wait_for(state="visible")
             _set_slider(page, "#i2i-steps", 8)
             page.locator("#i2i-generate").click()

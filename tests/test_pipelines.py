@@ -129,8 +129,9 @@ def test_callback_and_cancel(ours):
     ours.text_to_image("a cat", width=SIZE, height=SIZE, steps=5, sampler="euler", seed=0,
                        callback=lambda step, total, x0: seen.append((step, total, tuple(x0.shape))))
     assert [s for s, _, _ in seen] == list(range(5)) and all(t == 5 for _, t, _ in seen)
-    preview = ours.preview(torch.zeros(1, 4, SIZE // 2, SIZE // 2))
-    assert preview[0].size == (SIZE, SIZE)
+    x0 = torch.randn(1, 4, SIZE // 2, SIZE // 2)
+    preview = ours.preview(x0)  # a small VAE: the exact decode
+    assert np.array_equal(np.asarray(preview[0]), np.asarray(ours.decode(x0)[0]))
 
     class StopAfterTwo:
         calls = 0
@@ -141,6 +142,22 @@ def test_callback_and_cancel(ours):
 
     with pytest.raises(GenerationCancelled):
         ours.text_to_image("a cat", width=SIZE, height=SIZE, steps=5, seed=0, cancel=StopAfterTwo())
+
+
+def test_preview_of_a_large_vae_is_a_fitted_linear_map(ours, monkeypatch):
+    import stable_diffusion.pipelines as pipelines
+
+    monkeypatch.setattr(pipelines, "CHEAP_DECODE_PARAMETERS", 0)
+    monkeypatch.setattr(ours, "_latent_rgb", None)
+    x0 = torch.randn(2, 4, SIZE // 2, SIZE // 2)
+    previews = ours.preview(x0)
+    assert [p.size for p in previews] == [(SIZE, SIZE)] * 2
+    assert ours._latent_rgb.shape == (3, 5)  # RGB from 4 channels + bias
+    # Each preview pixel is the same affine function of its latent pixel, upscaled by nearest.
+    weight, bias = ours._latent_rgb[:, :4], ours._latent_rgb[:, 4]
+    rgb = weight @ (x0[0, :, 0, 0] / ours.vae.config.scaling_factor) + bias
+    expected = ((rgb / 2 + 0.5).clamp(0, 1) * 255).round()
+    assert np.abs(np.asarray(previews[0])[0, 0].astype(int) - expected.numpy()).max() <= 1
 
 
 def test_png_carries_parameters(ours, tmp_path):

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stable_diffusion.devices import conv_memory_format
 from stable_diffusion.layers import Attention, Downsample, ResBlock, Upsample
 
 __all__ = ["AutoencoderKL", "DiagonalGaussian", "VAEConfig"]
@@ -257,10 +258,12 @@ class AutoencoderKL(nn.Module):
 
     def encode(self, images: torch.Tensor) -> DiagonalGaussian:
         """Images [B, 3, H, W] in [-1, 1] -> posterior over unscaled latents [B, 4, H/8, W/8]."""
+        images = images.contiguous(memory_format=conv_memory_format(images.device))  # every conv follows its input
         return DiagonalGaussian.from_moments(self.quant_conv(self.encoder(images)))
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Unscaled latents [B, 4, h, w] -> images [B, 3, 8h, 8w], roughly in [-1, 1] (not clamped)."""
+        latents = latents.contiguous(memory_format=conv_memory_format(latents.device))  # every conv follows its input
         return self.decoder(self.post_quant_conv(latents))
 
     def forward(self, images: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -191,7 +191,7 @@ class _Controls:
         with gr.Row():
             self.sampler = gr.Dropdown([(SAMPLER_LABELS.get(name, name), name) for name in SAMPLER_NAMES],
                                        value="dpmpp_2m_karras", label="Sampler")
-            self.steps = gr.Slider(1, MAX_STEPS, value=25, step=1, precision=0, label="Steps",
+            self.steps = gr.Slider(1, MAX_STEPS, value=20, step=1, precision=0, label="Steps",
                                    elem_id=f"{prefix}-steps")
             self.guidance_scale = gr.Slider(0, 20, value=7.5, step=0.5, label="Guidance scale (CFG)")
         with gr.Row():

@@ -149,17 +149,10 @@ def sample_euler(
     """Euler's method on the probability-flow ODE dx/dσ = (x - D(x; σ))/σ.
 
     Karras et al. 2022, eq. 1 and 3 with σ(t) = t, s(t) = 1; their Algorithm 1 without the
-    second-order correction. Deterministic: ``generator`` is not used.
+    second-order correction. Deterministic: ``generator`` is not used. It is the ancestral loop
+    with η = 0, where σ_down = σ_next and no noise is added.
     """
-    total = len(sigmas) - 1
-    for i in range(total):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = denoiser(x, sigma)
-        if callback is not None:
-            callback(i, total, denoised)
-        d = (x - denoised) / sigma
-        x = x + d * (sigma_next - sigma)
-    return x
+    return _sample_ancestral(denoiser, x, sigmas, eta=0.0, generator=generator, callback=callback)
 
 
 def sample_euler_ancestral(

@@ -152,10 +152,8 @@ class StableDiffusion:
         latent_shape = (1, self.vae.config.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         noise = torch.cat([torch.randn(latent_shape, generator=g) for g in generators]).to(self.device)
         x = samplers.initial_latents(plan, noise)
-        latents = self._denoise(plan, x, request, generators, callback, cancel)
-        images = self.decode(latents)
-        size = f"{width}x{height}"
-        return Generation(images, request.seeds, [request.infotext(s, size) for s in request.seeds])
+        images = self.decode(self._denoise(plan, x, request, generators, callback, cancel))
+        return request.result(images, width, height)
 
     def image_to_image(
         self,
@@ -196,10 +194,8 @@ class StableDiffusion:
         x0 = torch.cat([self.encode(pixels, generator=g) for g in generators])
         noise = torch.cat([torch.randn((1, *x0.shape[1:]), generator=g) for g in generators]).to(self.device)
         x = samplers.noised_latents(plan, x0, noise)
-        latents = self._denoise(plan, x, request, generators, callback, cancel)
-        images = self.decode(latents)
-        size = f"{width}x{height}"
-        return Generation(images, request.seeds, [request.infotext(s, size) for s in request.seeds])
+        images = self.decode(self._denoise(plan, x, request, generators, callback, cancel))
+        return request.result(images, width, height)
 
     def encode_prompt(self, prompt: str, *, clip_skip: int = 1, num_windows: int | None = None) -> torch.Tensor:
         """CLIP hidden states for ``prompt``: ``[1, 77 * windows, D]``.
@@ -433,6 +429,10 @@ class _Request:
     guidance_rescale: float
     strength: float | None
     model: str
+
+    def result(self, images: list[Image.Image], width: int, height: int) -> Generation:
+        size = f"{width}x{height}"
+        return Generation(images, self.seeds, [self.infotext(seed, size) for seed in self.seeds])
 
     def infotext(self, seed: int, size: str) -> str:
         """The generation parameters in the text format the popular web UIs write into PNGs."""

@@ -277,7 +277,11 @@ def test_zero_terminal_snr_matches_diffusers(sd15_scheduler_config: dict, sample
 
     assert float(plan.sigmas[0]) == pytest.approx(4096, rel=1e-3)
     _check_plan(plan, scheduler, timesteps)
-    assert _relative_error(latents, expected) < 1e-5
+    # The first step starts at σ = 4096, where x̃ = x_0 + σ·ε holds the data 4096 times below the
+    # noise: float32's rounding of x̃ (2^-24 relative) is σ·2^-24 ≈ 2.4e-4 of the data's scale, and
+    # the two implementations order those operations differently (diffusers scales x_t, we x̃).
+    # Seen: 1.2e-6 on an Intel Xeon, 2.6e-5 on an AMD EPYC; the bound is that rounding, not a guess.
+    assert _relative_error(latents, expected) < 4096 * 2**-24
 
 
 @pytest.mark.parametrize(("sampler", "prediction_type"), [("euler", "v_prediction"), ("dpmpp_2m_karras", "epsilon")])

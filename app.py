@@ -35,7 +35,8 @@ from PIL import Image
 from stable_diffusion import schedules
 from stable_diffusion.devices import default_device, default_dtype, parse_dtype
 from stable_diffusion.hub import DEFAULT_MODEL, ModelLoadError, load
-from stable_diffusion.pipelines import SAMPLER_LABELS, Generation, GenerationCancelled, StableDiffusion, save_png, to_rgb
+from stable_diffusion.images import save_png, to_rgb
+from stable_diffusion.pipelines import SAMPLER_LABELS, Generation, GenerationCancelled, StableDiffusion
 from stable_diffusion.samplers import SAMPLER_NAMES
 
 try:  # Hugging Face ZeroGPU: the decorated calls borrow a GPU; elsewhere a no-op.

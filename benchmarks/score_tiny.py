@@ -27,13 +27,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from stable_diffusion.hub import load
+from stable_diffusion.images import pil_to_tensor
 from stable_diffusion.scoring import score
-from stable_diffusion.shapes import (
-    draw_scene,
-    image_to_tensor,
-    random_scene,
-    split_combinations,
-)
+from stable_diffusion.shapes import draw_scene, random_scene, split_combinations
 
 PARTS = ("color", "shape", "background", "all")
 
@@ -58,7 +54,7 @@ def reference_rows(pipe, sets: dict[str, list], *, seeds: int, resolution: int) 
         scenes = [random_scene(rng, [c]) for c in combinations for _ in range(seeds)]
         images = [draw_scene(scene, resolution) for scene in scenes]
         rows["dataset images"][split] = accuracy([score(image, s.combination) for image, s in zip(images, scenes)])
-        pixels = torch.stack([image_to_tensor(image) for image in images]).to(pipe.device, pipe.vae_dtype)
+        pixels = torch.stack([pil_to_tensor(image) for image in images]).to(pipe.device, pipe.vae_dtype)
         with torch.inference_mode():
             latents = pipe.vae.encode(pixels).mean * pipe.vae.config.scaling_factor
         decoded = pipe.decode(latents)

@@ -6,7 +6,8 @@ are plain modules meant to be read.
 """
 
 from .hub import DEFAULT_MODEL, ModelLoadError, load, save
-from .pipelines import Generation, GenerationCancelled, StableDiffusion, save_png
+from .images import save_png
+from .pipelines import Generation, GenerationCancelled, StableDiffusion
 from .samplers import SAMPLER_NAMES
 
 __all__ = [

@@ -15,7 +15,8 @@ from tqdm import tqdm
 
 from .devices import parse_dtype
 from .hub import DEFAULT_MODEL, ModelLoadError, load
-from .pipelines import GenerationCancelled, save_png
+from .images import save_png
+from .pipelines import GenerationCancelled
 from .samplers import SAMPLER_NAMES
 
 

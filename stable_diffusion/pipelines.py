@@ -28,10 +28,11 @@ from typing import Callable, Protocol
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from . import denoisers, samplers, schedules
 from .clip import CLIPTextModel
+from .images import to_rgb
 from .schedules import SchedulerConfig
 from .unet import UNet
 from .vae import AutoencoderKL
@@ -455,28 +456,3 @@ class _Request:
             fields.append(f"CFG rescale: {self.guidance_rescale:g}")
         lines.append(", ".join(fields))
         return "\n".join(lines)
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB from any PIL mode: transparency is composited on white, palettes and gray expanded."""
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        # 16-bit and float grayscale: scale to 8 bits before PIL's clipping conversion.
-        array = np.asarray(image, dtype=np.float32)
-        low, high = float(array.min()), float(array.max())
-        array = (array - low) / (high - low or 1.0) * 255.0
-        return Image.fromarray(array.astype(np.uint8)).convert("RGB")
-    return image.convert("RGB")
-
-
-def save_png(image: Image.Image, path, parameters: str) -> None:
-    """Save ``image`` as PNG with the generation ``parameters`` in a ``parameters`` text chunk."""
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    info.add_text("parameters", parameters)
-    image.save(path, format="PNG", pnginfo=info)

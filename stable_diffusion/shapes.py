@@ -20,6 +20,8 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
+from .images import pil_to_tensor
+
 __all__ = [
     "COLORS",
     "HELD_OUT",
@@ -155,12 +157,6 @@ def draw_scene(scene: Scene, resolution: int) -> Image.Image:
     return image.resize((resolution, resolution), Image.BOX)
 
 
-def image_to_tensor(image: Image.Image) -> torch.Tensor:
-    """RGB image -> float tensor [3, H, W] in [-1, 1], the VAE's input range."""
-    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
-
-
 class ShapesDataset(Dataset):
     """``length`` random scenes of one split; item ``i`` is the same picture every time (seeded by ``seed`` and ``i``).
 
@@ -188,4 +184,4 @@ class ShapesDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
         scene = self.scene(index)
         image = draw_scene(scene, self.resolution)
-        return {"pixels": image_to_tensor(image), "caption": scene.combination.caption}
+        return {"pixels": pil_to_tensor(image), "caption": scene.combination.caption}

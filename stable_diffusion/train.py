@@ -63,7 +63,8 @@ from .clip import CLIPTextConfig, CLIPTextModel
 from .devices import parse_dtype
 from .pipelines import StableDiffusion
 from .schedules import SchedulerConfig, alphas_cumprod_from_config, q_sample
-from .shapes import ShapesDataset, all_combinations, image_to_tensor
+from .images import pil_to_tensor
+from .shapes import ShapesDataset, all_combinations
 from .unet import UNet, UNetConfig
 from .vae import AutoencoderKL, DiagonalGaussian, VAEConfig
 
@@ -173,7 +174,7 @@ class CaptionedImageFolder(Dataset):
             image = ImageOps.exif_transpose(image).convert("RGB")
             image = ImageOps.fit(image, (self.resolution, self.resolution), Image.BICUBIC)
         caption = path.with_suffix(".txt").read_text(encoding="utf-8").strip()
-        return {"pixels": image_to_tensor(image), "caption": caption}
+        return {"pixels": pil_to_tensor(image), "caption": caption}
 
 
 def make_dataset(data: str, *, resolution: int, seed: int = 0) -> Dataset:

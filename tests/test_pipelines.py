@@ -14,7 +14,8 @@ from PIL import Image, PngImagePlugin
 
 from conftest import assert_same_picture, build_tiny_reference_pipeline
 from stable_diffusion.hub import load
-from stable_diffusion.pipelines import GenerationCancelled, save_png
+from stable_diffusion.images import save_png
+from stable_diffusion.pipelines import GenerationCancelled
 
 SIZE = 32  # pixels; the tiny VAE downsamples 2x, so 16x16 latents
 

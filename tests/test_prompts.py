@@ -316,7 +316,8 @@ def test_windows_match_the_ported_a1111_reference(sd15_tokenizer, sd2_tokenizer,
         for tokenizer, id_pad in ((sd15_tokenizer, EOS), (sd2_tokenizer, 0)):
             ours = prompts.token_windows(tokenizer, prompt, length=length, comma_backtrack=backtrack)
             reference = a1111_tokenize_line(
-                tokenizer, vocabularies[id_pad], prompt, chunk_length=length - 2, comma_padding_backtrack=backtrack, id_pad=id_pad
+                tokenizer, vocabularies[id_pad], prompt,
+                chunk_length=length - 2, comma_padding_backtrack=backtrack, id_pad=id_pad,
             )
             assert ours == reference, prompt
 

@@ -1,7 +1,7 @@
 """Prompt-following score of the tiny shapes model, with and without classifier-free guidance.
 
 Generates images for shapes captions, reads each back with the deterministic analyzer
-(``stable_diffusion.scoring``) and counts how often the colour, the shape, the background, and
+(``tiny_shapes.scoring``) and counts how often the colour, the shape, the background, and
 all three match the caption, on combinations seen in training and on the held-out ones. Every
 guidance scale sees the same prompts and seeds, so the rows differ only by guidance. The first
 rows are references: the analyzer on the dataset's own images (it should read them all), and on
@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from stable_diffusion.hub import load
 from stable_diffusion.images import pil_to_tensor
-from stable_diffusion.scoring import score
-from stable_diffusion.shapes import draw_scene, random_scene, split_combinations
+from tiny_shapes.dataset import draw_scene, random_scene, split_combinations
+from tiny_shapes.scoring import score
 
 PARTS = ("color", "shape", "background", "all")
 

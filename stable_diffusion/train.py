@@ -1,7 +1,9 @@
 """Training a latent diffusion model: the VAE, then the UNet (and, optionally, the text encoder).
 
-Two stages, each run by the same loop on 🤗 Accelerate (device placement, mixed precision, gradient
-accumulation, several GPUs or machines with ``accelerate launch`` and no change here):
+Two stages, each one small object (``VAEStage``, ``DiffusionStage``: the networks it trains, its
+loss on a batch, what it does before saving) run by the same loop on 🤗 Accelerate (device
+placement, mixed precision, gradient accumulation, several GPUs or machines with
+``accelerate launch`` and no change here):
 
 * ``vae``: the autoencoder alone, on reconstruction (L1) plus a small KL term towards N(0, I)
   (Rombach et al. 2022, sec. 3.1; Kingma & Welling 2014, eq. 10); afterwards the latent scaling
@@ -13,21 +15,16 @@ accumulation, several GPUs or machines with ``accelerate launch`` and no change 
 
 Both keep an exponential moving average of the weights, write checkpoints in the diffusers layout
 that ``hub.load`` reads (the averaged weights, plus the optimizer state to resume from), and end by
-saving the averaged model to ``--output``. Data is the on-the-fly shapes dataset (``--data shapes``)
-or a folder of images with same-name ``.txt`` captions. ``init`` builds a fresh tiny model for the
-shapes (a BPE vocabulary learned from the captions, random weights). The tiny model of
-``models/tiny-shapes`` was made with (55 minutes on 2 CPU cores shared with other work)::
-
-    python -m stable_diffusion.train init --output runs/tiny-shapes/init
-    python -m stable_diffusion.train vae --model runs/tiny-shapes/init --output runs/tiny-shapes/vae
-    python -m stable_diffusion.train diffusion --model runs/tiny-shapes/vae --output models/tiny-shapes \\
-        --train-text-encoder --save-dtype float16 --checkpoint-dir runs/tiny-shapes/checkpoints
-
-and SD 1.5 is fine-tuned on a folder the same way, e.g. on 8 GPUs::
+saving the averaged model to ``--output``. The command line trains any model on a folder of images
+with same-name ``.txt`` captions, e.g. SD 1.5 on 8 GPUs::
 
     accelerate launch --multi_gpu --num_processes 8 -m stable_diffusion.train diffusion \\
         --model stable-diffusion-v1-5/stable-diffusion-v1-5 --data my-captioned-images/ --output sd15-finetuned \\
         --resolution 512 --batch-size 4 --learning-rate 1e-5 --mixed-precision fp16 --steps 10000
+
+From Python, ``train`` takes any dataset of ``{"pixels", "caption"}`` items. The bundled tiny
+model is built and trained on its shapes dataset by ``python -m tiny_shapes`` (the ``tiny_shapes``
+package, which uses this one).
 """
 
 from __future__ import annotations
@@ -35,18 +32,17 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import itertools
+import functools
 import json
 import logging
 import math
-import re
 import shutil
 import sys
-import tempfile
-from collections import Counter
-from collections.abc import Iterable, Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -59,34 +55,36 @@ from tqdm import tqdm
 from transformers import CLIPTokenizer
 
 from . import hub
-from .clip import CLIPTextConfig, CLIPTextModel
 from .devices import parse_dtype
-from .pipelines import StableDiffusion
-from .schedules import SchedulerConfig, alphas_cumprod_from_config, q_sample
 from .images import pil_to_tensor
-from .shapes import ShapesDataset, all_combinations
-from .unet import UNet, UNetConfig
-from .vae import AutoencoderKL, DiagonalGaussian, VAEConfig
+from .pipelines import StableDiffusion
+from .schedules import alphas_cumprod_from_config, q_sample
+from .vae import AutoencoderKL, DiagonalGaussian
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "EMA",
+    "STAGES",
     "CaptionedImageFolder",
+    "DiffusionStage",
+    "Stage",
     "TrainConfig",
+    "VAEStage",
+    "add_stage_commands",
+    "command_line",
+    "config_options",
     "diffusion_loss",
     "drop_captions",
+    "estimate_scaling_factor",
     "kl_divergence",
-    "learn_bpe_tokenizer",
     "main",
-    "make_dataset",
-    "tiny_shapes_pipeline",
+    "run_stage",
     "tokenize",
     "train",
     "vae_loss",
 ]
 
-STAGES = ("vae", "diffusion")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 LR_SCHEDULES = ("constant", "cosine")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -112,6 +110,9 @@ class TrainConfig:
     train_text_encoder: bool = False
     kl_weight: float = 1e-5
     resolution: int | None = None  # None: the model's native size
+    # Each epoch in a new random order. A dataset whose items are already independent random
+    # draws can be read in order instead, so that resuming replays exactly the same batches.
+    shuffle: bool = True
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     log_every: int = 50
@@ -130,6 +131,11 @@ class TrainConfig:
         for name in ("steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every", "keep_checkpoints", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
+
+    @property
+    def frozen_dtype(self) -> torch.dtype:
+        """The precision of the networks that only run forward: half precision is enough when training mixed."""
+        return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.mixed_precision, torch.float32)
 
     def learning_rate_at(self, step: int) -> float:
         """Linear warm-up over ``warmup_steps``, then constant or a cosine decay to zero at ``steps``."""
@@ -175,13 +181,6 @@ class CaptionedImageFolder(Dataset):
             image = ImageOps.fit(image, (self.resolution, self.resolution), Image.BICUBIC)
         caption = path.with_suffix(".txt").read_text(encoding="utf-8").strip()
         return {"pixels": pil_to_tensor(image), "caption": caption}
-
-
-def make_dataset(data: str, *, resolution: int, seed: int = 0) -> Dataset:
-    """``"shapes"``: the on-the-fly shapes dataset (training split); anything else: a captioned image folder."""
-    if data == "shapes":
-        return ShapesDataset(resolution=resolution, split="train", seed=seed)
-    return CaptionedImageFolder(data, resolution=resolution)
 
 
 def tokenize(tokenizer: CLIPTokenizer, captions: Sequence[str], *, length: int) -> torch.Tensor:
@@ -285,103 +284,6 @@ class EMA(nn.Module):
         self.num_updates += 1
 
 
-# ---------------------------------------------------------------------------------------------- from scratch
-def _byte_characters() -> list[str]:
-    """GPT-2's printable stand-ins for the 256 byte values (Radford et al. 2019), which CLIP's BPE runs on.
-
-    Printable Latin-1 bytes stand for themselves; the others (control characters, space, ...) are
-    moved to code points 256 and up, so that every token is a visible string.
-    """
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    others = [b for b in range(256) if b not in printable]
-    table = {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(others)}
-    return [table[b] for b in range(256)]
-
-
-def learn_bpe_tokenizer(texts: Iterable[str], folder: str | Path, *, model_max_length: int = 77) -> CLIPTokenizer:
-    """Learn byte-pair merges (Sennrich et al. 2016) from ``texts`` and save a CLIP tokenizer to ``folder``.
-
-    The vocabulary is CLIP's layout: the 256 byte symbols, the same with the end-of-word mark
-    ``</w>``, the merged symbols in the order learned, then ``<|startoftext|>`` and
-    ``<|endoftext|>``. Merging continues until every word of ``texts`` is a single token, so a
-    caption costs one token per word; unseen words still encode, byte by byte. Returns the
-    ``transformers.CLIPTokenizer`` read back from ``vocab.json`` and ``merges.txt``.
-    """
-    byte_symbols = _byte_characters()
-    # CLIP lower-cases and splits words, single digits and runs of punctuation apart.
-    word_counts = Counter(
-        word for text in texts for word in re.findall(r"[^\W\d_]+|\d|[^\s\w]+|_+", text.lower())
-    )
-    spellings = {}
-    for word in word_counts:
-        symbols = [byte_symbols[b] for b in word.encode("utf-8")]
-        symbols[-1] += "</w>"
-        spellings[word] = symbols
-    vocab = byte_symbols + [s + "</w>" for s in byte_symbols]
-    merges: list[tuple[str, str]] = []
-    while True:
-        pair_counts: Counter[tuple[str, str]] = Counter()
-        for word, symbols in spellings.items():
-            for pair in itertools.pairwise(symbols):
-                pair_counts[pair] += word_counts[word]
-        if not pair_counts:
-            break
-        # Most frequent pair; ties broken by the pair itself so the vocabulary is reproducible.
-        best = max(pair_counts, key=lambda pair: (pair_counts[pair], pair))
-        merges.append(best)
-        vocab.append(best[0] + best[1])
-        for word, symbols in spellings.items():
-            merged, i = [], 0
-            while i < len(symbols):
-                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
-                    merged.append(symbols[i] + symbols[i + 1])
-                    i += 2
-                else:
-                    merged.append(symbols[i])
-                    i += 1
-            spellings[word] = merged
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    token_ids = {token: i for i, token in enumerate(vocab)}
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(token_ids, ensure_ascii=False, indent=1), encoding="utf-8")
-    merge_lines = "".join(f"{left} {right}\n" for left, right in merges)
-    (folder / "merges.txt").write_text("#version: 0.2\n" + merge_lines, encoding="utf-8")
-    return CLIPTokenizer.from_pretrained(folder, model_max_length=model_max_length)
-
-
-def tiny_shapes_pipeline(*, resolution: int = 32, seed: int = 0) -> StableDiffusion:
-    """A fresh, randomly initialised tiny Stable Diffusion for the shapes dataset: 5.3 M parameters.
-
-    Same architecture family as SD at toy size: a 3-level VAE (4× downsampling: 32 px -> 8×8×4
-    latents), a 3-layer text transformer over 16 positions with a vocabulary learned from the
-    captions, and a 2-level UNet with cross-attention at both levels and in the middle block.
-    SD's noise schedule; the VAE's scaling factor is set after VAE training.
-    """
-    if resolution % 4:
-        raise ValueError(f"resolution must be a multiple of 4 (the VAE downsamples 4×), got {resolution}.")
-    max_tokens = 16  # the longest caption is 9 tokens with BOS and EOS
-    with tempfile.TemporaryDirectory() as folder:
-        tokenizer = learn_bpe_tokenizer((c.caption for c in all_combinations()), folder, model_max_length=max_tokens)
-    text_config = CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_layers=3, num_heads=4,
-        max_position_embeddings=max_tokens, hidden_act="gelu",
-    )
-    unet_config = UNetConfig(
-        block_out_channels=(64, 128), layers_per_block=1, attention_levels=(True, True), num_heads=(4, 4),
-        cross_attention_dim=text_config.hidden_size, sample_size=resolution // 4,
-    )
-    vae_config = VAEConfig(
-        block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16, sample_size=resolution,
-        scaling_factor=1.0,
-    )
-    with torch.random.fork_rng():  # seeded weights without touching the caller's random state
-        torch.manual_seed(seed)
-        networks = {"text_encoder": CLIPTextModel(text_config), "unet": UNet(unet_config), "vae": AutoencoderKL(vae_config)}
-    return StableDiffusion(**networks, tokenizer=tokenizer, scheduler=SchedulerConfig(), name="tiny-shapes")
-
-
 @torch.no_grad()
 def estimate_scaling_factor(vae: AutoencoderKL, loader: Iterable[dict], *, batches: int, device: torch.device) -> float:
     """1 / std of the VAE's latents over a few batches: unit-variance inputs for the diffusion model (Rombach et al. 2022, sec. 4.3.2)."""
@@ -393,21 +295,152 @@ def estimate_scaling_factor(vae: AutoencoderKL, loader: Iterable[dict], *, batch
     return float(1.0 / torch.cat(samples).std())
 
 
+# ---------------------------------------------------------------------------------------------- stages
+class Stage(ABC):
+    """One training stage: the networks it trains and those it only runs, its loss on a batch, its last step before saving.
+
+    ``trained`` networks are optimised in float32, averaged by the EMA and saved; ``frozen`` ones
+    only run forward, in ``config.frozen_dtype``; networks in neither stay where they are (the
+    VAE stage leaves the text encoder and the UNet on the CPU). ``forward_modules`` are what
+    Accelerate prepares and ``loss`` calls: the trained networks, unless a stage trains one
+    through a wrapper.
+    """
+
+    name: str
+
+    def __init__(
+        self,
+        pipe: StableDiffusion,
+        config: TrainConfig,
+        *,
+        device: torch.device,
+        trained: dict[str, nn.Module],
+        frozen: dict[str, nn.Module],
+        forward_modules: dict[str, nn.Module] | None = None,
+    ) -> None:
+        self.pipe, self.config, self.device = pipe, config, device
+        self.trained, self.frozen = trained, frozen
+        self.forward_modules = trained if forward_modules is None else forward_modules
+
+    def place(self) -> None:
+        """Move the networks to the device, in their precision and train/eval mode."""
+        for network in self.trained.values():
+            network.to(self.device, torch.float32).requires_grad_(True).train()
+        for network in self.frozen.values():
+            network.to(self.device, self.config.frozen_dtype).requires_grad_(False).eval()
+
+    @staticmethod
+    @abstractmethod
+    def add_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:
+        """Add the command-line options of this stage's own ``TrainConfig`` fields."""
+
+    @abstractmethod
+    def loss(
+        self, models: dict[str, nn.Module], batch: dict, generator: torch.Generator
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """(the loss to minimise, named parts to show) on ``batch``, through the prepared ``forward_modules``."""
+
+    def finish(self, result: StableDiffusion, loader: Iterable[dict]) -> StableDiffusion:
+        """``result`` (the pipeline with the averaged networks swapped in) as it is saved."""
+        return result
+
+
+class VAEStage(Stage):
+    """The autoencoder alone, on ``vae_loss``; then its latent scaling factor is set from the data."""
+
+    name = "vae"
+
+    def __init__(self, pipe: StableDiffusion, config: TrainConfig, *, device: torch.device) -> None:
+        # Only the VAE goes to the device. It is trained through the wrapper; the average and the
+        # saved model track the VAE inside.
+        super().__init__(pipe, config, device=device, trained={"vae": pipe.vae}, frozen={},
+                         forward_modules={"vae": _Autoencoding(pipe.vae)})
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:
+        parser.add_argument("--kl-weight", type=float, default=defaults.kl_weight)
+
+    def loss(
+        self, models: dict[str, nn.Module], batch: dict, generator: torch.Generator
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        pixels = batch["pixels"].to(self.device)
+        reconstruction, mean, logvar = models["vae"](pixels, generator)
+        total, l1, kl = vae_loss(pixels, reconstruction, DiagonalGaussian(mean, logvar), kl_weight=self.config.kl_weight)
+        return total, {"l1": l1.item(), "kl": kl.item()}
+
+    def finish(self, result: StableDiffusion, loader: Iterable[dict]) -> StableDiffusion:
+        factor = estimate_scaling_factor(result.vae, loader, batches=16, device=self.device)
+        result.vae.config = dataclasses.replace(result.vae.config, scaling_factor=factor)
+        logger.info("latent scaling factor: %.5f", factor)
+        return result
+
+
+class DiffusionStage(Stage):
+    """The UNet (and the text encoder with ``config.train_text_encoder``) on ``diffusion_loss``, with caption dropout.
+
+    The frozen VAE encodes the images to latents, scaled by the factor the VAE stage set.
+    """
+
+    name = "diffusion"
+
+    def __init__(self, pipe: StableDiffusion, config: TrainConfig, *, device: torch.device) -> None:
+        text_encoder = {"text_encoder": pipe.text_encoder}
+        super().__init__(
+            pipe, config, device=device,
+            trained={"unet": pipe.unet} | (text_encoder if config.train_text_encoder else {}),
+            frozen={"vae": pipe.vae} | ({} if config.train_text_encoder else text_encoder),
+        )
+        self.alphas_cumprod = alphas_cumprod_from_config(pipe.scheduler).to(device)
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:
+        parser.add_argument("--caption-dropout", type=float, default=defaults.caption_dropout,
+                            help="probability of training on the empty caption, for classifier-free guidance")
+        parser.add_argument("--train-text-encoder", action="store_true", help="also train the text encoder")
+
+    def loss(
+        self, models: dict[str, nn.Module], batch: dict, generator: torch.Generator
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        pipe, device = self.pipe, self.device
+        with torch.no_grad():
+            posterior = pipe.vae.encode(batch["pixels"].to(device, self.config.frozen_dtype))
+            latents = posterior.sample(generator).float() * pipe.vae.config.scaling_factor
+        captions = drop_captions(batch["caption"], self.config.caption_dropout, generator=generator)
+        input_ids = tokenize(pipe.tokenizer, captions, length=pipe.text_encoder.config.max_position_embeddings).to(device)
+        with torch.set_grad_enabled(self.config.train_text_encoder):
+            context = models.get("text_encoder", pipe.text_encoder)(input_ids)
+        t = torch.randint(0, len(self.alphas_cumprod), (latents.shape[0],), device=device, generator=generator)
+        noise = torch.randn(latents.shape, device=device, generator=generator)
+        loss = diffusion_loss(
+            models["unet"], latents, context.float(), t=t, noise=noise,
+            alphas_cumprod=self.alphas_cumprod, prediction_type=pipe.scheduler.prediction_type,
+        )
+        return loss, {}
+
+
+STAGES: dict[str, type[VAEStage] | type[DiffusionStage]] = {stage.name: stage for stage in (VAEStage, DiffusionStage)}
+
+
 # ---------------------------------------------------------------------------------------------- the loop
 def _checkpoints(folder: Path) -> list[Path]:
     return sorted((p for p in folder.glob("step-*") if (p / STATE_FOLDER / PROGRESS_FILE).is_file()), key=lambda p: p.name)
 
 
-def _resolve_resume(resume: str, checkpoint_dir: Path) -> Path:
-    if resume != "latest":
-        path = Path(resume)
-        if not (path / STATE_FOLDER / PROGRESS_FILE).is_file():
-            raise ValueError(f"{path} is not a checkpoint (no {STATE_FOLDER}/{PROGRESS_FILE}); give a step-N folder or 'latest'.")
-        return path
-    found = _checkpoints(checkpoint_dir)
-    if not found:
-        raise ValueError(f"--resume latest: no checkpoint in {checkpoint_dir}.")
-    return found[-1]
+def _resume(accelerator: Accelerator, resume: str, checkpoint_dir: Path) -> int:
+    """Load the training state of checkpoint ``resume`` (a step-N folder, or "latest" in ``checkpoint_dir``); its step."""
+    if resume == "latest":
+        found = _checkpoints(checkpoint_dir)
+        if not found:
+            raise ValueError(f"--resume latest: no checkpoint in {checkpoint_dir}.")
+        checkpoint = found[-1]
+    else:
+        checkpoint = Path(resume)
+        if not (checkpoint / STATE_FOLDER / PROGRESS_FILE).is_file():
+            raise ValueError(f"{checkpoint} is not a checkpoint (no {STATE_FOLDER}/{PROGRESS_FILE}); give a step-N folder or 'latest'.")
+    accelerator.load_state(str(checkpoint / STATE_FOLDER))
+    step = json.loads((checkpoint / STATE_FOLDER / PROGRESS_FILE).read_text())["step"]
+    logger.info("resumed from %s at step %d", checkpoint, step)
+    return step
 
 
 class _Randomness:
@@ -428,9 +461,67 @@ class _Randomness:
         self.generator.set_state(state["state"])
 
 
-def _snapshot(pipe: StableDiffusion, networks: dict[str, nn.Module]) -> StableDiffusion:
-    """The pipeline with ``networks`` (the averaged or online copies of the trained ones) swapped in."""
-    return dataclasses.replace(pipe, **networks)
+class _Progress:
+    """The progress bar and the log: the loss smoothed over about 50 steps, the learning rate, the stage's parts."""
+
+    def __init__(self, stage: str, config: TrainConfig, *, step: int, enabled: bool) -> None:
+        self.stage, self.config = stage, config
+        self.bar = tqdm(total=config.steps, initial=step, desc=stage, disable=not enabled)
+        self.smoothed: float | None = None
+
+    def update(self, step: int, loss: float, parts: dict[str, float]) -> None:
+        self.smoothed = loss if self.smoothed is None else 0.98 * self.smoothed + 0.02 * loss
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{self.smoothed:.4f}", lr=f"{self.config.learning_rate_at(step):.1e}",
+                             **{k: f"{v:.4f}" for k, v in parts.items()})
+        if step % self.config.log_every == 0:
+            logger.info("%s step %d/%d loss %.5f (smoothed %.5f) %s",
+                        self.stage, step, self.config.steps, loss, self.smoothed, parts)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _batches(accelerator: Accelerator, loader: DataLoader, *, skip: int) -> Iterator[dict]:
+    """The loader's batches, epoch after epoch without end.
+
+    Resuming after ``skip`` batches, the first epoch starts where it was left (exactly for a
+    dataset read in order; shuffled, within an epoch of the same length).
+    """
+    yield from accelerator.skip_first_batches(loader, skip % len(loader)) if skip else loader
+    while True:
+        yield from loader
+
+
+def _loader(dataset: Dataset, config: TrainConfig) -> DataLoader:
+    """Full batches only (every step sees ``batch_size`` items), shuffled each epoch unless ``config.shuffle`` is off."""
+    loader = DataLoader(dataset, batch_size=config.batch_size, num_workers=config.num_workers, drop_last=True,
+                        shuffle=config.shuffle)
+    if len(loader) == 0:
+        raise ValueError(f"The dataset's {len(dataset)} items make no full batch of {config.batch_size}: lower the batch size.")
+    return loader
+
+
+def _averaged(pipe: StableDiffusion, trained: dict[str, nn.Module], averages: dict[str, EMA]) -> StableDiffusion:
+    """The pipeline with the averaged copies of the trained networks swapped in (the networks themselves without EMA)."""
+    return dataclasses.replace(pipe, **{name: averages[name].averaged if averages else net for name, net in trained.items()})
+
+
+def _save_checkpoint(
+    accelerator: Accelerator, folder: Path, pipe: StableDiffusion, *, step: int, stage: str, keep: int
+) -> None:
+    """``folder/step-N``: the training state to resume from, and ``pipe`` as a model that ``hub.load`` reads.
+
+    Only the newest ``keep`` checkpoints are kept.
+    """
+    checkpoint = folder / f"step-{step:07d}"
+    accelerator.save_state(str(checkpoint / STATE_FOLDER))
+    if accelerator.is_main_process:
+        hub.save(pipe, checkpoint)
+        (checkpoint / STATE_FOLDER / PROGRESS_FILE).write_text(json.dumps({"step": step, "stage": stage}))
+        for old in _checkpoints(folder)[:-keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
 
 
 def train(
@@ -460,130 +551,46 @@ def train(
         mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps
     )
     set_seed(config.seed, device_specific=True)
-    device = accelerator.device
-    frozen_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
-
-    if stage == "vae":
-        trained = {"vae": pipe.vae}
-        # Trained through the wrapper; the average and the saved model track the VAE inside.
-        forward_modules = {"vae": _Autoencoding(pipe.vae)}
-    else:
-        trained = {"unet": pipe.unet} | ({"text_encoder": pipe.text_encoder} if config.train_text_encoder else {})
-        forward_modules = trained
-    # The VAE stage needs only the VAE on the device; the diffusion stage runs all three.
-    for name in ("vae",) if stage == "vae" else ("text_encoder", "unet", "vae"):
-        network = getattr(pipe, name)
-        if name in trained:
-            network.to(device, torch.float32).requires_grad_(True).train()
-        else:
-            # Frozen networks only run forward: half precision is enough when training mixed.
-            network.to(device, frozen_dtype).requires_grad_(False).eval()
-    averages = {name: EMA(net, decay=config.ema_decay) for name, net in trained.items()} if config.ema_decay else {}
-
-    parameters = [p for net in trained.values() for p in net.parameters()]
+    job = STAGES[stage](pipe, config, device=accelerator.device)
+    job.place()
+    averages = {name: EMA(net, decay=config.ema_decay) for name, net in job.trained.items()} if config.ema_decay else {}
+    parameters = [p for net in job.trained.values() for p in net.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
-    loader = DataLoader(
-        dataset, batch_size=config.batch_size, num_workers=config.num_workers, drop_last=True,
-        # The shapes dataset's items are already independent random draws; a folder is shuffled.
-        shuffle=not isinstance(dataset, ShapesDataset),
-    )
-    prepared = accelerator.prepare(*forward_modules.values(), optimizer, loader)
-    models = dict(zip(forward_modules, prepared[: len(trained)]))
-    optimizer, loader = prepared[len(trained):]
+    *prepared, optimizer, loader = accelerator.prepare(*job.forward_modules.values(), optimizer, _loader(dataset, config))
+    models = dict(zip(job.forward_modules, prepared))
     for average in averages.values():
-        average.to(device)
+        average.to(accelerator.device)
         accelerator.register_for_checkpointing(average)
-    randomness = _Randomness(device, config.seed * 1000 + accelerator.process_index)
+    randomness = _Randomness(accelerator.device, config.seed * 1000 + accelerator.process_index)
     accelerator.register_for_checkpointing(randomness)
-    generator = randomness.generator
+    step = 0 if resume is None else _resume(accelerator, resume, checkpoint_dir)
 
-    step = 0
-    if resume is not None:
-        checkpoint = _resolve_resume(resume, checkpoint_dir)
-        accelerator.load_state(str(checkpoint / STATE_FOLDER))
-        step = json.loads((checkpoint / STATE_FOLDER / PROGRESS_FILE).read_text())["step"]
-        logger.info("resumed from %s at step %d", checkpoint, step)
-
-    alphas_cumprod = alphas_cumprod_from_config(pipe.scheduler).to(device)
-    text_length = pipe.text_encoder.config.max_position_embeddings
-    scaling_factor = pipe.vae.config.scaling_factor
-
-    def loss_of(batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        pixels = batch["pixels"].to(device)
-        if stage == "vae":
-            reconstruction, mean, logvar = models["vae"](pixels, generator)
-            total, l1, kl = vae_loss(pixels, reconstruction, DiagonalGaussian(mean, logvar), kl_weight=config.kl_weight)
-            return total, {"l1": l1.item(), "kl": kl.item()}
-        with torch.no_grad():
-            latents = pipe.vae.encode(pixels.to(frozen_dtype)).sample(generator).float() * scaling_factor
-        captions = drop_captions(batch["caption"], config.caption_dropout, generator=generator)
-        input_ids = tokenize(pipe.tokenizer, captions, length=text_length).to(device)
-        text_encoder = models.get("text_encoder", pipe.text_encoder)
-        with torch.set_grad_enabled(config.train_text_encoder):
-            context = text_encoder(input_ids)
-        t = torch.randint(0, len(alphas_cumprod), (latents.shape[0],), device=device, generator=generator)
-        noise = torch.randn(latents.shape, device=device, generator=generator)
-        loss = diffusion_loss(
-            models["unet"], latents, context.float(), t=t, noise=noise,
-            alphas_cumprod=alphas_cumprod, prediction_type=pipe.scheduler.prediction_type,
-        )
-        return loss, {}
-
-    def averaged_pipe() -> StableDiffusion:
-        if averages:
-            return _snapshot(pipe, {name: average.averaged for name, average in averages.items()})
-        return _snapshot(pipe, trained)
-
-    def save_checkpoint() -> None:
-        folder = checkpoint_dir / f"step-{step:07d}"
-        accelerator.save_state(str(folder / STATE_FOLDER))
-        if accelerator.is_main_process:
-            hub.save(averaged_pipe(), folder)
-            (folder / STATE_FOLDER / PROGRESS_FILE).write_text(json.dumps({"step": step, "stage": stage}))
-            for old in _checkpoints(checkpoint_dir)[: -config.keep_checkpoints]:
-                shutil.rmtree(old)
-        accelerator.wait_for_everyone()
-
-    # Resuming: the batches already seen are skipped (exactly for the shapes stream, whose items
-    # are fixed by their index; for a folder, within the epoch).
-    batches_done = step * config.gradient_accumulation_steps
-    epoch_batches = accelerator.skip_first_batches(loader, batches_done % len(loader)) if batches_done else loader
-    bar = tqdm(total=config.steps, initial=step, desc=stage, disable=not accelerator.is_local_main_process)
-    running_loss = None
+    batches = _batches(accelerator, loader, skip=step * config.gradient_accumulation_steps)
+    progress = _Progress(stage, config, step=step, enabled=accelerator.is_local_main_process)
     while step < config.steps:
-        for batch in epoch_batches:
-            for group in optimizer.param_groups:
-                group["lr"] = config.learning_rate_at(step)
-            with accelerator.accumulate(*models.values()):
-                with accelerator.autocast():
-                    loss, extras = loss_of(batch)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and config.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            for name, average in averages.items():
-                average.update(trained[name])
-            running_loss = loss.item() if running_loss is None else 0.98 * running_loss + 0.02 * loss.item()
-            bar.update(1)
-            bar.set_postfix(loss=f"{running_loss:.4f}", lr=f"{config.learning_rate_at(step):.1e}", **{k: f"{v:.4f}" for k, v in extras.items()})
-            if step % config.log_every == 0:
-                logger.info("%s step %d/%d loss %.5f (smoothed %.5f) %s", stage, step, config.steps, loss.item(), running_loss, extras)
-            if step % config.checkpoint_every == 0 or step == config.steps:
-                save_checkpoint()
-            if step >= config.steps:
-                break
-        epoch_batches = loader
-    bar.close()
+        batch = next(batches)  # before `accumulate`, which syncs gradients early at the end of an epoch
+        for group in optimizer.param_groups:
+            group["lr"] = config.learning_rate_at(step)
+        with accelerator.accumulate(*models.values()):
+            with accelerator.autocast():
+                loss, parts = job.loss(models, batch, randomness.generator)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and config.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if not accelerator.sync_gradients:
+            continue
+        step += 1
+        for name, average in averages.items():
+            average.update(job.trained[name])
+        progress.update(step, loss.item(), parts)
+        if step % config.checkpoint_every == 0 or step == config.steps:
+            _save_checkpoint(accelerator, checkpoint_dir, _averaged(pipe, job.trained, averages),
+                             step=step, stage=stage, keep=config.keep_checkpoints)
+    progress.close()
 
-    result = averaged_pipe()
-    if stage == "vae":
-        factor = estimate_scaling_factor(result.vae, loader, batches=16, device=device)
-        result.vae.config = dataclasses.replace(result.vae.config, scaling_factor=factor)
-        logger.info("latent scaling factor: %.5f", factor)
+    result = job.finish(_averaged(pipe, job.trained, averages), loader)
     if save_dtype is not None:
         result = result.to(dtype=save_dtype)
     if accelerator.is_main_process:
@@ -593,31 +600,28 @@ def train(
 
 
 # ---------------------------------------------------------------------------------------------- command line
-def build_parser() -> argparse.ArgumentParser:
-    defaults = TrainConfig()
-    parser = argparse.ArgumentParser(
-        prog="python -m stable_diffusion.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-    init = commands.add_parser("init", help="build a fresh tiny model for the shapes dataset")
-    init.add_argument("--output", required=True, type=Path)
-    init.add_argument("--resolution", type=int, default=32, help="image side in pixels (default 32)")
-    init.add_argument("--seed", type=int, default=0)
+# The stages' commands; their default learning rates and lengths are those the bundled tiny model
+# was trained with.
+_COMMANDS = {
+    "vae": ("train the autoencoder", 1e-3, 1500),
+    "diffusion": ("train the UNet (and text encoder) on the diffusion loss", 5e-4, 8000),
+}
 
-    for stage, help_text, lr, steps, batch in (
-        ("vae", "train the autoencoder", 1e-3, 1500, 32),
-        ("diffusion", "train the UNet (and text encoder) on the diffusion loss", 5e-4, 8000, 32),
-    ):
-        sub = commands.add_parser(stage, help=help_text)
+
+def add_stage_commands(commands: argparse._SubParsersAction) -> dict[str, argparse.ArgumentParser]:
+    """Add a ``vae`` and a ``diffusion`` command with every option of ``TrainConfig`` (all but the data)."""
+    defaults = TrainConfig()
+    parsers = {}
+    for stage, (help_text, learning_rate, steps) in _COMMANDS.items():
+        sub = parsers[stage] = commands.add_parser(stage, help=help_text)
         sub.add_argument("--model", required=True, help="the model to start from: local diffusers folder or Hub repo id")
-        sub.add_argument("--data", default="shapes", help="'shapes' or a folder of images with same-name .txt captions")
         sub.add_argument("--output", required=True, type=Path, help="where the trained model is saved (diffusers layout)")
         sub.add_argument("--checkpoint-dir", type=Path, help="where step-N checkpoints go (default: OUTPUT/checkpoints)")
         sub.add_argument("--resume", help="a step-N checkpoint folder, or 'latest' in the checkpoint dir")
         sub.add_argument("--resolution", type=int, help="training image side (default: the model's native size)")
         sub.add_argument("--steps", type=int, default=steps)
-        sub.add_argument("--batch-size", type=int, default=batch, help="per process, per accumulation step")
-        sub.add_argument("--learning-rate", type=float, default=lr)
+        sub.add_argument("--batch-size", type=int, default=defaults.batch_size, help="per process, per accumulation step")
+        sub.add_argument("--learning-rate", type=float, default=learning_rate)
         sub.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
         sub.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
         sub.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=defaults.lr_schedule)
@@ -631,38 +635,54 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--num-workers", type=int, default=defaults.num_workers, help="data loader processes")
         sub.add_argument("--seed", type=int, default=defaults.seed)
         sub.add_argument("--save-dtype", help="precision of the saved model: float32 (default), float16, bfloat16")
-        if stage == "vae":
-            sub.add_argument("--kl-weight", type=float, default=defaults.kl_weight)
-        else:
-            sub.add_argument("--caption-dropout", type=float, default=defaults.caption_dropout,
-                             help="probability of training on the empty caption, for classifier-free guidance")
-            sub.add_argument("--train-text-encoder", action="store_true", help="also train the text encoder")
+        STAGES[stage].add_arguments(sub, defaults)
+    return parsers
+
+
+def config_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``TrainConfig`` fields that the command line set."""
+    return {
+        field.name: getattr(args, field.name)
+        for field in dataclasses.fields(TrainConfig)
+        if getattr(args, field.name, None) is not None
+    }
+
+
+def run_stage(args: argparse.Namespace, config: TrainConfig, make_dataset: Callable[..., Dataset]) -> StableDiffusion:
+    """Train the stage ``args.command`` of ``--model`` on ``make_dataset(resolution=...)`` and save it to ``--output``."""
+    pipe = hub.load(args.model, device="cpu", dtype=torch.float32)
+    dataset = make_dataset(resolution=config.resolution or pipe.native_size)
+    return train(pipe, dataset, stage=args.command, config=config, output=args.output,
+                 checkpoint_dir=args.checkpoint_dir, resume=args.resume, save_dtype=parse_dtype(args.save_dtype))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m stable_diffusion.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    for sub in add_stage_commands(parser.add_subparsers(dest="command", required=True)).values():
+        sub.add_argument("--data", required=True, type=Path, help="a folder of images with same-name .txt captions")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def command_line(parser: argparse.ArgumentParser, argv: list[str] | None, run: Callable[[argparse.Namespace], Any]) -> int:
+    """Parse ``argv`` and ``run`` the command with logging on; bad input is one line on stderr and exit status 2."""
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        if args.command == "init":
-            hub.save(tiny_shapes_pipeline(resolution=args.resolution, seed=args.seed), args.output)
-            logger.info("saved a fresh tiny model to %s", args.output)
-            return 0
-        options = {
-            field.name: getattr(args, field.name)
-            for field in dataclasses.fields(TrainConfig)
-            if hasattr(args, field.name) and getattr(args, field.name) is not None
-        }
-        config = TrainConfig(**options)
-        pipe = hub.load(args.model, device="cpu", dtype=torch.float32)
-        resolution = config.resolution or pipe.native_size
-        dataset = make_dataset(args.data, resolution=resolution, seed=config.seed)
-        train(pipe, dataset, stage=args.command, config=config, output=args.output,
-              checkpoint_dir=args.checkpoint_dir, resume=args.resume, save_dtype=parse_dtype(args.save_dtype))
+        run(args)
     except (ValueError, hub.ModelLoadError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+def _train_on_folder(args: argparse.Namespace) -> StableDiffusion:
+    return run_stage(args, TrainConfig(**config_options(args)), functools.partial(CaptionedImageFolder, args.data))
+
+
+def main(argv: list[str] | None = None) -> int:
+    return command_line(build_parser(), argv, _train_on_folder)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from transformers import CLIPTokenizer
 
 from stable_diffusion import __main__ as cli
 from stable_diffusion.hub import load
-from stable_diffusion.scoring import parse_caption, score
+from tiny_shapes.scoring import parse_caption, score
 
 MODEL = Path(__file__).resolve().parent.parent / "models" / "tiny-shapes"
 PROMPTS = [

@@ -4,8 +4,10 @@ captioned image folders, the command line)."""
 
 from __future__ import annotations
 
+import ast
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,8 +16,21 @@ from PIL import Image
 
 from stable_diffusion import hub
 from stable_diffusion.schedules import SchedulerConfig, alphas_cumprod_from_config
-from stable_diffusion.scoring import analyze, parse_caption, score
-from stable_diffusion.shapes import (
+from stable_diffusion.train import (
+    EMA,
+    CaptionedImageFolder,
+    TrainConfig,
+    diffusion_loss,
+    drop_captions,
+    kl_divergence,
+    main,
+    tokenize,
+    train,
+)
+from stable_diffusion.unet import UNet, UNetConfig
+from stable_diffusion.vae import DiagonalGaussian
+from tiny_shapes.__main__ import main as tiny_shapes_main
+from tiny_shapes.dataset import (
     COLORS,
     HELD_OUT,
     SHAPES,
@@ -25,21 +40,9 @@ from stable_diffusion.shapes import (
     random_scene,
     split_combinations,
 )
-from stable_diffusion.train import (
-    EMA,
-    CaptionedImageFolder,
-    TrainConfig,
-    diffusion_loss,
-    drop_captions,
-    kl_divergence,
-    learn_bpe_tokenizer,
-    main,
-    tiny_shapes_pipeline,
-    tokenize,
-    train,
-)
-from stable_diffusion.unet import UNet, UNetConfig
-from stable_diffusion.vae import DiagonalGaussian
+from tiny_shapes.recipe import tiny_shapes_pipeline, train_config
+from tiny_shapes.scoring import analyze, parse_caption, score
+from tiny_shapes.tokenizer import learn_bpe_tokenizer
 
 TOL = 1e-4
 
@@ -202,7 +205,7 @@ def _weights(pipe) -> dict[str, torch.Tensor]:
 
 
 def test_init_command_saves_a_loadable_tiny_model_with_a_clip_tokenizer(tmp_path):
-    assert main(["init", "--output", str(tmp_path / "init")]) == 0
+    assert tiny_shapes_main(["init", "--output", str(tmp_path / "init")]) == 0
     pipe = hub.load(tmp_path / "init", device="cpu", dtype=torch.float32)
     assert pipe.native_size == 32 and pipe.text_encoder.config.max_position_embeddings == 16
     assert {"vocab.json", "merges.txt"} <= {p.name for p in (tmp_path / "init" / "tokenizer").iterdir()}
@@ -210,9 +213,35 @@ def test_init_command_saves_a_loadable_tiny_model_with_a_clip_tokenizer(tmp_path
     assert len(ids) == 9 and max(ids) < pipe.text_encoder.config.vocab_size
 
 
+def test_shapes_command_line_trains_a_stage_on_the_shapes_stream(tmp_path):
+    assert tiny_shapes_main(["init", "--output", str(tmp_path / "init")]) == 0
+    assert tiny_shapes_main(["vae", "--model", str(tmp_path / "init"), "--output", str(tmp_path / "vae"), "--steps", "1",
+                             "--batch-size", "2", "--warmup-steps", "1", "--kl-weight", "0.001"]) == 0
+    init = hub.load(tmp_path / "init", device="cpu", dtype=torch.float32)
+    vae = hub.load(tmp_path / "vae", device="cpu", dtype=torch.float32)
+    assert vae.vae.config.scaling_factor != init.vae.config.scaling_factor == 1.0
+    assert not torch.equal(vae.vae.encoder.conv_in.weight, init.vae.encoder.conv_in.weight)
+    assert torch.equal(vae.unet.conv_in.weight, init.unet.conv_in.weight)
+    assert tiny_shapes_main(["init", "--output", str(tmp_path / "odd"), "--resolution", "30"]) == 2
+    # The core command line trains on a folder: it has no shapes stream to fall back on.
+    with pytest.raises(SystemExit):
+        main(["vae", "--model", str(tmp_path / "init"), "--output", str(tmp_path / "x")])
+
+
+def test_the_core_package_never_imports_the_toy_model():
+    package = Path(__file__).resolve().parent.parent / "stable_diffusion"
+    offenders = []
+    for path in sorted(package.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [f"{path.name}: {name}" for name in names if name.split(".")[0] == "tiny_shapes"]
+    assert not offenders
+
+
 def test_vae_stage_sets_the_scaling_factor_and_saves_a_loadable_model(tmp_path):
     pipe = tiny_shapes_pipeline()
-    config = TrainConfig(steps=2, **TINY)
+    config = train_config(steps=2, **TINY)
     trained = train(pipe, ShapesDataset(resolution=32), stage="vae", config=config, output=tmp_path / "vae")
     factor = trained.vae.config.scaling_factor
     assert factor != 1.0 and factor > 0
@@ -224,7 +253,7 @@ def test_vae_stage_sets_the_scaling_factor_and_saves_a_loadable_model(tmp_path):
 
 
 def test_resumed_diffusion_training_equals_an_uninterrupted_run(tmp_path):
-    config = TrainConfig(steps=4, train_text_encoder=True, caption_dropout=0.5, **TINY)
+    config = train_config(steps=4, train_text_encoder=True, caption_dropout=0.5, **TINY)
     data = ShapesDataset(resolution=32)
     straight = train(tiny_shapes_pipeline(), data, stage="diffusion", config=config, output=tmp_path / "a")
     checkpoints = sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir())
@@ -258,13 +287,16 @@ def test_captioned_folder_dataset_and_a_fine_tuning_step(tmp_path):
     assert items[1][1][0].mean() == pytest.approx(1.0) and items[1][1][2].mean() == pytest.approx(-1.0)
 
     # One optimisation step of "fine-tuning" on the folder, starting from a saved model as load() returns it.
-    assert main(["init", "--output", str(tmp_path / "base")]) == 0
+    assert tiny_shapes_main(["init", "--output", str(tmp_path / "base")]) == 0
     assert main(["diffusion", "--model", str(tmp_path / "base"), "--data", str(folder), "--output", str(tmp_path / "tuned"),
                  "--steps", "3", "--batch-size", "2", "--checkpoint-every", "10", "--warmup-steps", "1"]) == 0
     base = hub.load(tmp_path / "base", device="cpu", dtype=torch.float32)
     tuned = hub.load(tmp_path / "tuned", device="cpu", dtype=torch.float32)
     assert not torch.equal(base.unet.conv_in.weight, tuned.unet.conv_in.weight)
     assert torch.equal(base.text_encoder.token_embedding.weight, tuned.text_encoder.token_embedding.weight)
+
+    assert main(["diffusion", "--model", str(tmp_path / "base"), "--data", str(folder), "--output", str(tmp_path / "x"),
+                 "--batch-size", "3"]) == 2  # two images make no full batch of three
 
     (folder / "orphan.png").write_bytes((folder / "wide.png").read_bytes())
     with pytest.raises(ValueError, match="orphan.txt"):

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .shapes import COLORS, SHAPES, Combination
+from .dataset import COLORS, SHAPES, Combination
 
 __all__ = ["Analysis", "analyze", "parse_caption", "score"]
 

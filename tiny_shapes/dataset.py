@@ -3,7 +3,7 @@
 Each image shows a circle, a square or a triangle in one of eight colours, at a random size and
 position, on a background of another of the eight colours, captioned "a red circle on a blue
 background". It is small enough to train a whole latent diffusion model on a CPU, and simple
-enough to score prompt-following with a deterministic analyzer (see ``scoring.py``).
+enough to score prompt-following with a deterministic analyzer (``tiny_shapes.scoring``).
 
 Some colour-shape-background combinations never appear in training (``HELD_OUT``): a model that
 draws them right has learned to compose the words, not to recall the pictures.
@@ -15,12 +15,11 @@ import random
 from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
-from .images import pil_to_tensor
+from stable_diffusion.images import pil_to_tensor
 
 __all__ = [
     "COLORS",

@@ -43,6 +43,32 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+def parse_device(name: str | torch.device | None) -> torch.device:
+    """The device a user named ("cpu", "cuda", "cuda:1", "mps"), or the best present for None.
+
+    Raises ValueError with one line to show when the name is not a device or the device is not
+    on this machine, so that doors print that line instead of a traceback.
+    """
+    if name is None or (isinstance(name, str) and name.strip().lower() in ("", "auto")):
+        return default_device()
+    try:
+        device = torch.device(name.strip().lower() if isinstance(name, str) else name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"Unknown device {name!r}: use cpu, cuda, cuda:N or mps (or leave it out for the best present).") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("CUDA is not available on this machine (no NVIDIA GPU or a CPU-only PyTorch): use --device cpu.")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"There is no {device}: this machine has {torch.cuda.device_count()} CUDA device(s).")
+    elif device.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ValueError("Apple's MPS is not available on this machine: use --device cpu.")
+    elif device.type != "cpu":
+        raise ValueError(f"Unsupported device {name!r}: use cpu, cuda, cuda:N or mps.")
+    return device
+
+
 def default_dtype(device: torch.device | str) -> torch.dtype:
     """The fastest precision that keeps the image on ``device`` (see module docstring)."""
     device = torch.device(device)

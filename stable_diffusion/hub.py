@@ -117,9 +117,10 @@ def load(
     name = os.fspath(source)
     path = Path(name).expanduser()
     if path.is_file():
-        return _load_single_file(path, name=name, allow_pickle=allow_pickle, **options)
+        return _shown_as(_load_single_file(path, name=name, allow_pickle=allow_pickle, **options), path.stem)
     if path.is_dir():
-        return _load_folder(path, name=name, variant=variant, allow_pickle=allow_pickle, **options)
+        pipe = _load_folder(path, name=name, variant=variant, allow_pickle=allow_pickle, **options)
+        return _shown_as(pipe, path.resolve().name)
     if _looks_like_path(name):
         raise ModelLoadError(
             f"There is no file or folder at {path.resolve()}. Pass an existing diffusers folder or a single "
@@ -129,6 +130,12 @@ def load(
     folder = _download(name, revision=revision, token=token, dtype=dtype, variant=variant, allow_pickle=allow_pickle)
     label = name if revision is None else f"{name}@{revision}"
     return _load_folder(folder, name=label, variant=variant, allow_pickle=allow_pickle, token=token, **options)
+
+
+def _shown_as(pipe: StableDiffusion, name: str) -> StableDiffusion:
+    """A local model goes by its folder or file name (as in the web UIs' "Model:"), not its full path."""
+    pipe.name = name
+    return pipe
 
 
 def _looks_like_path(source: str) -> bool:

@@ -17,6 +17,7 @@ from PIL import Image, ImageOps
 from PIL.PngImagePlugin import PngInfo
 
 __all__ = [
+    "checked_image",
     "grid",
     "native_area_size",
     "pil_to_tensor",
@@ -40,6 +41,19 @@ def to_rgb(image: Image.Image) -> Image.Image:
         array = (array - low) / (high - low or 1.0) * 255.0
         return Image.fromarray(array.astype(np.uint8)).convert("RGB")
     return image.convert("RGB")
+
+
+def checked_image(image: object, *, what: str = "input image") -> Image.Image:
+    """``image`` (a PIL image or an ``[H, W(, C)]`` uint8 array) as RGB, or a clear error."""
+    if image is None:
+        raise ValueError(f"No {what}: upload or paste an image to start from.")
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    if not isinstance(image, Image.Image):
+        raise ValueError(f"The {what} must be a PIL image or an array, got {type(image).__name__}.")
+    if image.width < 1 or image.height < 1:
+        raise ValueError(f"The {what} is empty (0 pixels).")
+    return to_rgb(image)
 
 
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:

@@ -1,14 +1,14 @@
 """Text-to-image and image-to-image: the networks, the schedule and a sampler put together.
 
-Each generation follows the same numbered steps (Rombach et al. 2022, "High-Resolution Image
-Synthesis with Latent Diffusion Models", sec. 3.3):
+Every mode follows one generation path (Rombach et al. 2022, "High-Resolution Image Synthesis
+with Latent Diffusion Models", sec. 3.3), :meth:`StableDiffusion.generate`:
 
-1. validate the request (sizes, steps, guidance, prompts) before any work is done;
-2. encode the prompt and the negative prompt with the CLIP text encoder;
-3. plan the sampling: timesteps and σ's for the chosen sampler (a shorter tail for img2img);
-4. draw the initial latents (pure noise, or the encoded image noised to the first σ);
+1. check the request against the model (sizes, limits, the sampling plan) before any work;
+2. lay out the σ's the sampler visits (a shorter tail for image-to-image);
+3. draw the initial latents: pure noise, or the encoded image noised to the first σ (the mode's job);
+4. encode the prompt and the negative prompt with the CLIP text encoder;
 5. walk the reverse process with classifier-free guidance;
-6. decode the latents with the VAE into images.
+6. decode the latents into images (the VAE, or the tiny autoencoder).
 
 The latent scaling factor (0.18215 for SD 1.x/2.x) is applied here, nowhere else.
 
@@ -16,38 +16,39 @@ Randomness: image ``i`` of a request uses its own CPU ``torch.Generator`` seeded
 ``seed + i``, drawn from in the order diffusers draws (img2img: the VAE posterior sample, then the
 noise; then each ancestral step's noise), so a seed gives the same picture on any device and the
 same picture as diffusers' pipelines given the same weights.
+
+A pipeline holds no per-request state: one instance serves concurrent requests.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
-import math
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Any, Protocol
 
-import numpy as np
 import torch
 from PIL import Image
+from torch import nn
 
-from . import denoisers, samplers, schedules
+from . import denoisers, prompts, samplers, schedules
 from .clip import CLIPTextModel
-from .images import to_rgb
+from .images import checked_image, native_area_size, pil_to_tensor, tensor_to_pil
+from .previews import CHEAP_DECODE_PARAMETERS, LatentRGB
+from .request import GenerationRequest, InvalidSetting
+from .samplers import SamplingPlan, StepCallback
 from .schedules import SchedulerConfig
 from .unet import UNet
 from .vae import AutoencoderKL
 
 logger = logging.getLogger(__name__)
 
-StepCallback = Callable[[int, int, torch.Tensor], None]
-
-MAX_SEED = 2**63 - 1
 # Prompts longer than one CLIP window are split into windows of 75 tokens (+ BOS/EOS); this many
 # windows at most (600 tokens): beyond it a prompt is almost surely a paste accident.
 MAX_PROMPT_WINDOWS = 8
-MAX_GUIDANCE_SCALE = 30.0
-# VAEs smaller than this decode live previews exactly; larger ones use a linear approximation.
-CHEAP_DECODE_PARAMETERS = 10_000_000
 
 SAMPLER_LABELS = {
     "ddpm": "DDPM",
@@ -78,24 +79,70 @@ class Generation:
     parameters: list[str]
 
 
+# ------------------------------------------------------------------------------------ modes
+@dataclass(frozen=True)
+class _TextToImage:
+    """Start from pure noise N(0, I), scaled to the plan's first σ."""
+
+    width: int
+    height: int
+
+    def initial_latents(self, pipe: StableDiffusion, plan: SamplingPlan, generators: list[torch.Generator]) -> torch.Tensor:
+        factor = pipe.vae.config.downsampling_factor
+        shape = (len(generators), pipe.vae.config.latent_channels, self.height // factor, self.width // factor)
+        return samplers.initial_latents(plan, samplers.draw_noise(shape, generator=generators, device=pipe.device))
+
+
+@dataclass(frozen=True)
+class _ImageToImage:
+    """Start from the encoded image, noised to the plan's first σ (SDEdit, Meng et al. 2022)."""
+
+    pixels: torch.Tensor  # [1, 3, H, W] in [-1, 1]
+
+    @property
+    def width(self) -> int:
+        return self.pixels.shape[-1]
+
+    @property
+    def height(self) -> int:
+        return self.pixels.shape[-2]
+
+    def initial_latents(self, pipe: StableDiffusion, plan: SamplingPlan, generators: list[torch.Generator]) -> torch.Tensor:
+        # Per generator: first the posterior sample, then the noise (diffusers' order).
+        x0 = torch.cat([pipe.encode(self.pixels, generator=g) for g in generators])
+        noise = samplers.draw_noise(x0.shape, generator=generators, device=pipe.device)
+        return samplers.noised_latents(plan, x0, noise)
+
+
+# ------------------------------------------------------------------------------------ pipeline
 @dataclass
 class StableDiffusion:
     """A loaded Stable Diffusion model: the three networks, the tokenizer and the schedule.
 
-    Holds no per-request state, so one instance serves concurrent requests.
+    Holds no per-request state, so one instance serves concurrent requests. ``max_pixels`` and
+    ``max_images`` bound a request (a server's protection; raise them for batch work).
     """
 
     text_encoder: CLIPTextModel
     unet: UNet
     vae: AutoencoderKL
-    tokenizer: object  # transformers.CLIPTokenizer
+    tokenizer: Any  # transformers.CLIPTokenizer
     scheduler: SchedulerConfig
     name: str = "unnamed"
     max_pixels: int = 1024 * 1024
     max_images: int = 8
-    _latent_rgb: torch.Tensor | None = field(default=None, repr=False)
+    tiny_vae: nn.Module | None = None
+    # Fitted once here, read-only afterwards: safe to share between threads.
+    _latent_rgb: LatentRGB | None = field(default=None, init=False, repr=False)
 
-    # ---------------------------------------------------------------- properties
+    def __post_init__(self) -> None:
+        if sum(p.numel() for p in self.vae.parameters()) >= CHEAP_DECODE_PARAMETERS:
+            self._latent_rgb = LatentRGB.fit(
+                self._decode_unscaled,
+                latent_channels=self.vae.config.latent_channels,
+                downsampling_factor=self.vae.config.downsampling_factor,
+            )
+
     @property
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
@@ -105,56 +152,39 @@ class StableDiffusion:
         return next(self.unet.parameters()).dtype
 
     @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+    def vae_dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
 
     @property
     def native_size(self) -> int:
         """The image side the model was trained at (512 for SD 1.5, 768 for SD 2.1)."""
-        return self.unet.config.sample_size * self.vae_scale_factor
+        return self.unet.config.sample_size * self.vae.config.downsampling_factor
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "StableDiffusion":
-        for net in (self.text_encoder, self.unet, self.vae):
-            net.to(device=device, dtype=dtype)
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> StableDiffusion:
+        for net in (self.text_encoder, self.unet, self.vae, self.tiny_vae):
+            if net is not None:
+                net.to(device=device, dtype=dtype)
         return self
 
-    # ---------------------------------------------------------------- public API
+    # ---------------------------------------------------------------- the modes
     def text_to_image(
         self,
         prompt: str,
         negative_prompt: str = "",
         *,
-        width: int | None = None,
-        height: int | None = None,
-        steps: int = 25,
-        guidance_scale: float = 7.5,
-        sampler: str = "dpmpp_2m_karras",
-        seed: int | None = None,
-        num_images: int = 1,
-        clip_skip: int = 1,
-        guidance_rescale: float = 0.0,
         callback: StepCallback | None = None,
         cancel: CancelToken | None = None,
+        **options: Any,
     ) -> Generation:
-        """Generate ``num_images`` images for ``prompt``.
+        """Generate images for ``prompt`` (an empty prompt samples p(x) unconditionally).
 
-        ``width``/``height`` default to the model's native size and must be multiples of 8.
-        ``clip_skip`` counts as the web UIs do: 1 uses the text encoder's last layer, 2 the one
-        before it. ``callback(step, total, x0_latents)`` runs after every step (see
-        :meth:`preview`); a set ``cancel`` token stops the run between steps.
+        ``options`` are the fields of :class:`GenerationRequest` (width, height, steps,
+        guidance_scale, sampler, seed, num_images, clip_skip, guidance_rescale, decoder).
+        ``callback(step, total, x0_latents)`` runs after every step (see :meth:`preview`); a set
+        ``cancel`` token stops the run between steps.
         """
-        width, height = self._checked_size(width, height)
-        request = self._checked_request(
-            prompt, negative_prompt, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
-            seed=seed, num_images=num_images, clip_skip=clip_skip, guidance_rescale=guidance_rescale,
-        )
-        plan = samplers.plan_sampling(self.scheduler, sampler, steps)
-        generators = [torch.Generator("cpu").manual_seed(s) for s in request.seeds]
-        latent_shape = (1, self.vae.config.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        noise = torch.cat([torch.randn(latent_shape, generator=g) for g in generators]).to(self.device)
-        x = samplers.initial_latents(plan, noise)
-        images = self.decode(self._denoise(plan, x, request, generators, callback, cancel))
-        return request.result(images, width, height)
+        request = GenerationRequest(prompt, negative_prompt, **options)
+        return self.generate(request, callback=callback, cancel=cancel)
 
     def image_to_image(
         self,
@@ -162,56 +192,66 @@ class StableDiffusion:
         prompt: str,
         negative_prompt: str = "",
         *,
-        strength: float = 0.75,
-        width: int | None = None,
-        height: int | None = None,
-        steps: int = 25,
-        guidance_scale: float = 7.5,
-        sampler: str = "dpmpp_2m_karras",
-        seed: int | None = None,
-        num_images: int = 1,
-        clip_skip: int = 1,
-        guidance_rescale: float = 0.0,
         callback: StepCallback | None = None,
         cancel: CancelToken | None = None,
+        **options: Any,
     ) -> Generation:
         """Redraw ``image`` following ``prompt`` (SDEdit, Meng et al. 2022).
 
-        The image is converted to RGB (transparent areas on white), resized to ``width`` x
-        ``height`` (by default its own size, scaled down to the pixel budget and rounded down to
-        multiples of 8), encoded, noised to the step that ``strength`` gives (as diffusers counts
-        it: the last ``int(steps * strength)`` steps are run) and denoised from there.
+        ``options`` as for :meth:`text_to_image`, plus ``strength`` (default 0.75): the image is
+        noised to the step that ``strength`` gives (as diffusers counts it: the last
+        ``int(steps * strength)`` steps are run) and denoised from there. Any image mode is
+        accepted (transparency on white); without width and height it is resized to its aspect
+        ratio at the model's native area.
         """
-        pixels = self._prepare_image(image, width, height)
-        height, width = pixels.shape[-2:]
-        request = self._checked_request(
-            prompt, negative_prompt, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
-            seed=seed, num_images=num_images, clip_skip=clip_skip, guidance_rescale=guidance_rescale,
-            strength=strength,
-        )
-        plan = samplers.plan_sampling(self.scheduler, sampler, steps, strength=strength)
-        generators = [torch.Generator("cpu").manual_seed(s) for s in request.seeds]
-        # Per generator: first the posterior sample, then the noise (diffusers' order).
-        x0 = torch.cat([self.encode(pixels, generator=g) for g in generators])
-        noise = torch.cat([torch.randn((1, *x0.shape[1:]), generator=g) for g in generators]).to(self.device)
-        x = samplers.noised_latents(plan, x0, noise)
-        images = self.decode(self._denoise(plan, x, request, generators, callback, cancel))
-        return request.result(images, width, height)
+        request = GenerationRequest(prompt, negative_prompt, **{"strength": 0.75, **options})
+        return self.generate(request, image=checked_image(image), callback=callback, cancel=cancel)
 
+    def generate(
+        self,
+        request: GenerationRequest,
+        *,
+        image: Image.Image | None = None,
+        callback: StepCallback | None = None,
+        cancel: CancelToken | None = None,
+    ) -> Generation:
+        """The one generation path: text-to-image, or image-to-image when ``image`` is given."""
+        image = None if image is None else checked_image(image)
+        width, height = self._size(request, image)
+        plan = self._check(request, width, height)
+        mode = _TextToImage(width, height) if image is None else _ImageToImage(_pixels(image, width, height))
+        if request.seed is None:
+            request = dataclasses.replace(request, seed=secrets.randbelow(2**32))
+        generators = [torch.Generator("cpu").manual_seed(seed) for seed in request.seeds]
+        x = mode.initial_latents(self, plan, generators)
+        latents = self._denoise(plan, x, request, generators, _step_hook(callback, cancel))
+        images = self.decode(latents, decoder=request.decoder)
+        label = SAMPLER_LABELS.get(request.sampler, request.sampler)
+        parameters = [
+            request.parameters_text(seed, width, height, sampler_label=label, model=self.name)
+            for seed in request.seeds
+        ]
+        return Generation(images, request.seeds, parameters)
+
+    # ---------------------------------------------------------------- the networks
     def encode_prompt(self, prompt: str, *, clip_skip: int = 1, num_windows: int | None = None) -> torch.Tensor:
-        """CLIP hidden states for ``prompt``: ``[1, 77 * windows, D]``.
+        """CLIP hidden states for ``prompt``, with its emphasis applied: ``[1, 77 * windows, D]``.
 
-        A prompt longer than one window (75 tokens between BOS and EOS) is split into 75-token
-        windows, each encoded on its own and concatenated along the sequence, as the popular web
-        UIs do; the UNet's cross-attention accepts any context length. ``num_windows`` pads with
-        windows of the empty prompt, so a prompt and its negative can be stacked.
+        The prompt is read as the popular web UIs read it (``prompts``): ``(word:1.3)`` weights,
+        ``BREAK``, and windows of 75 tokens cut at a comma near the end. Each window is encoded
+        on its own and the windows are concatenated along the sequence; the UNet's
+        cross-attention accepts any context length. ``num_windows`` pads with windows of the
+        empty prompt, so a prompt and its negative can be stacked.
         """
-        windows = self._token_windows(prompt)
+        windows = self._windows(prompt)
         if num_windows is not None:
-            windows += [self._pad_window([])] * (num_windows - len(windows))
-        input_ids = torch.tensor(windows, dtype=torch.long, device=self.device)
+            length = self.text_encoder.config.max_position_embeddings
+            windows += [prompts.empty_window(self.tokenizer, length=length)] * (num_windows - len(windows))
+        input_ids = torch.tensor([window.ids for window in windows], dtype=torch.long, device=self.device)
+        weights = torch.tensor([window.weights for window in windows], device=self.device)
         with torch.inference_mode():
             hidden = self.text_encoder(input_ids, skip_last_layers=clip_skip - 1)
+            hidden = prompts.apply_emphasis(hidden, weights)
         return hidden.reshape(1, -1, hidden.shape[-1])
 
     def encode(self, pixels: torch.Tensor, *, generator: torch.Generator | None = None, sample: bool = True) -> torch.Tensor:
@@ -225,59 +265,89 @@ class StableDiffusion:
             latents = posterior.sample(generator=generator) if sample else posterior.mean
         return latents.float() * self.vae.config.scaling_factor
 
-    def image_to_tensor(self, image: Image.Image, *, width: int | None = None, height: int | None = None) -> torch.Tensor:
-        """An image of any mode as a ``[1, 3, H, W]`` tensor in [-1, 1], sized as img2img sizes it."""
-        return self._prepare_image(image, width, height)
+    def decode(self, latents: torch.Tensor, *, decoder: str = "full") -> list[Image.Image]:
+        """Decode model-space latents ``[B, 4, h, w]`` into PIL images, one at a time (memory).
 
-    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
-        """Decode model-space latents ``[B, 4, h, w]`` into PIL images, one at a time (memory)."""
+        ``decoder="tiny"`` uses the tiny autoencoder (``tiny_vae``) instead of the VAE.
+        """
         images = []
         for latent in latents.split(1):
-            pixels = self._decode_pixels(latent / self.vae.config.scaling_factor)
-            array = (pixels / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().float().numpy()[0]
-            images.append(Image.fromarray((array * 255).round().astype(np.uint8)))
+            if decoder == "tiny":
+                pixels = self._decode_tiny(latent)
+            else:
+                pixels = self._decode_unscaled(latent / self.vae.config.scaling_factor)
+            images += tensor_to_pil(pixels)
         return images
 
     def preview(self, x0_latents: torch.Tensor) -> list[Image.Image]:
-        """A cheap RGB preview of predicted-x0 latents, for live progress in a UI.
-
-        A small VAE (under ``CHEAP_DECODE_PARAMETERS``) simply decodes. For a large one (SD's has
-        83 M parameters; a 512² decode costs more than a UNet step) a fixed linear map from the
-        latent channels to RGB, fitted once per model by least squares on one small decode (SD's
-        latents are close to linearly related to colour at 1/8 resolution), then upscaled: costs
-        microseconds instead of a full decode.
-        """
-        if sum(p.numel() for p in self.vae.parameters()) < CHEAP_DECODE_PARAMETERS:
-            return self.decode(x0_latents)
+        """A cheap RGB preview of predicted-x̂0 latents, for live progress in a UI (see ``previews``)."""
+        if self.tiny_vae is not None:
+            return self.decode(x0_latents, decoder="tiny")
         if self._latent_rgb is None:
-            self._latent_rgb = self._fit_latent_rgb()
-        latents = x0_latents.float().cpu() / self.vae.config.scaling_factor
-        weight, bias = self._latent_rgb[:, :-1], self._latent_rgb[:, -1]
-        rgb = torch.einsum("bchw,rc->brhw", latents, weight) + bias[None, :, None, None]
-        array = ((rgb / 2 + 0.5).clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
-        scale = self.vae_scale_factor
-        return [Image.fromarray(a).resize((a.shape[1] * scale, a.shape[0] * scale), Image.NEAREST) for a in array]
+            return self.decode(x0_latents)
+        return self._latent_rgb(x0_latents / self.vae.config.scaling_factor)
 
-    # ---------------------------------------------------------------- steps
-    def _denoise(self, plan, x, request, generators, callback, cancel) -> torch.Tensor:
-        num_windows = max(len(self._token_windows(request.prompt)), len(self._token_windows(request.negative_prompt)))
-        cond = self.encode_prompt(request.prompt, clip_skip=request.clip_skip, num_windows=num_windows)
-        uncond = self.encode_prompt(request.negative_prompt, clip_skip=request.clip_skip, num_windows=num_windows)
-        batch = x.shape[0]
-        denoiser = denoisers.Denoiser(
-            self._model_fn(), schedules.alphas_cumprod_from_config(self.scheduler), self.scheduler.prediction_type
+    # ---------------------------------------------------------------- the steps
+    def _size(self, request: GenerationRequest, image: Image.Image | None) -> tuple[int, int]:
+        """The request's size; by default the native size, or the input's aspect ratio at the native area."""
+        width, height = request.width, request.height
+        if image is None:
+            return width or self.native_size, height or self.native_size
+        if width is None and height is None:
+            return native_area_size(image.size, self.native_size)
+        if width is None:
+            width = max(8, round(image.width * height / image.height / 8) * 8)
+        elif height is None:
+            height = max(8, round(image.height * width / image.width / 8) * 8)
+        return width, height
+
+    def _check(self, request: GenerationRequest, width: int, height: int) -> SamplingPlan:
+        """Check ``request`` against this model's limits; return its sampling plan (which checks sampler and steps)."""
+        if width * height > self.max_pixels:
+            side = int(self.max_pixels**0.5) // 8 * 8
+            raise InvalidSetting(
+                "size",
+                f"{width}x{height} is {width * height} pixels, over this server's budget of {self.max_pixels} "
+                f"(e.g. {side}x{side}). Use a smaller size.",
+            )
+        if request.num_images > self.max_images:
+            raise InvalidSetting("num_images", f"must be from 1 to {self.max_images}, got {request.num_images}.")
+        max_skip = self.text_encoder.config.num_layers - 1
+        if request.clip_skip > max_skip:
+            raise InvalidSetting("clip_skip", f"must be from 1 (last layer) to {max_skip} for this text encoder, got {request.clip_skip}.")
+        if request.decoder == "tiny" and self.tiny_vae is None:
+            raise InvalidSetting(
+                "decoder",
+                "'tiny' needs the tiny autoencoder: load the model with tiny_vae='madebyollin/taesd' "
+                "(or a local TAESD folder), or use the full decoder.",
+            )
+        for setting, text in (("prompt", request.prompt), ("negative_prompt", request.negative_prompt)):
+            windows = len(self._windows(text))
+            if windows > MAX_PROMPT_WINDOWS:
+                raise InvalidSetting(
+                    setting, f"is too long: {windows * 75} tokens or more, the limit is {MAX_PROMPT_WINDOWS * 75}. Shorten it."
+                )
+        strength = 1.0 if request.strength is None else request.strength
+        return samplers.plan_sampling(self.scheduler, request.sampler, request.steps, strength=strength)
+
+    def _denoise(
+        self,
+        plan: SamplingPlan,
+        x: torch.Tensor,
+        request: GenerationRequest,
+        generators: list[torch.Generator],
+        on_step: StepCallback,
+    ) -> torch.Tensor:
+        num_windows = max(len(self._windows(text)) for text in (request.prompt, request.negative_prompt))
+        cond, uncond = (
+            self.encode_prompt(text, clip_skip=request.clip_skip, num_windows=num_windows).float().expand(x.shape[0], -1, -1)
+            for text in (request.prompt, request.negative_prompt)
         )
+        alphas_cumprod = schedules.alphas_cumprod_from_config(self.scheduler)
+        denoiser = denoisers.Denoiser(self._model_fn(), alphas_cumprod, self.scheduler.prediction_type)
         guided = denoisers.guided(
-            denoiser, cond=cond.float().expand(batch, -1, -1), uncond=uncond.float().expand(batch, -1, -1),
-            scale=request.guidance_scale, rescale=request.guidance_rescale,
+            denoiser, cond=cond, uncond=uncond, scale=request.guidance_scale, rescale=request.guidance_rescale
         )
-
-        def on_step(step: int, total: int, x0_hat: torch.Tensor) -> None:
-            if cancel is not None and cancel.is_set():
-                raise GenerationCancelled(f"generation cancelled after step {step + 1} of {total}")
-            if callback is not None:
-                callback(step, total, x0_hat)
-
         with torch.inference_mode():
             return samplers.run(plan, guided, x, generator=generators, callback=on_step)
 
@@ -291,168 +361,52 @@ class StableDiffusion:
 
         return model
 
-    @property
-    def vae_dtype(self) -> torch.dtype:
-        return next(self.vae.parameters()).dtype
-
-    def _decode_pixels(self, latent: torch.Tensor) -> torch.Tensor:
+    def _decode_unscaled(self, latents: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1] (float32) of VAE latents (without the scaling factor)."""
+        vae = self.vae
         with torch.inference_mode():
-            pixels = self.vae.decode(latent.to(self.vae_dtype))
+            pixels = vae.decode(latents.to(self.device, self.vae_dtype))
             if not torch.isfinite(pixels).all() and self.vae_dtype == torch.float16:
                 # The SD VAE decoder's activations overflow float16 on some images (a known
-                # property of the released weights); redo this one decode in float32.
+                # property of the released weights): redo this decode in float32 on a private
+                # copy, so that the shared VAE stays as it is for concurrent requests.
                 logger.info("VAE decode overflowed float16; retrying in float32")
-                pixels = self.vae.float().decode(latent.float())
-                self.vae.to(torch.float16)
-        if not torch.isfinite(pixels).all():
-            raise ValueError(
-                "The decoded image contains NaN or infinite values: the model diverged at this "
-                "precision. Try float32 (--dtype float32), fewer guidance, or another sampler."
-            )
-        return pixels.float()
+                pixels = copy.deepcopy(vae).float().decode(latents.to(self.device, torch.float32))
+        return _finite(pixels.float())
 
-    def _fit_latent_rgb(self) -> torch.Tensor:
-        generator = torch.Generator("cpu").manual_seed(0)
-        side = max(4, 64 // self.vae_scale_factor)
-        # A smooth random latent, so that the decoded colours vary slowly like real images.
-        coarse = torch.randn((1, self.vae.config.latent_channels, 4, 4), generator=generator)
-        latents = torch.nn.functional.interpolate(coarse, size=(side, side), mode="bilinear", align_corners=False)
-        pixels = self._decode_pixels(latents.to(self.device)).cpu()
-        pixels = torch.nn.functional.avg_pool2d(pixels, self.vae_scale_factor)
-        design = torch.cat([latents.flatten(2)[0].T, torch.ones(side * side, 1)], dim=1)
-        target = pixels.flatten(2)[0].T
-        solution = torch.linalg.lstsq(design, target).solution  # [channels + 1, 3]
-        return solution.T.contiguous()
+    def _decode_tiny(self, latents: torch.Tensor) -> torch.Tensor:
+        tiny_vae = self.tiny_vae
+        dtype = next(tiny_vae.parameters()).dtype
+        with torch.inference_mode():
+            return _finite(tiny_vae.decode(latents.to(self.device, dtype)).float())
 
-    # ---------------------------------------------------------------- validation
-    def _checked_request(self, prompt, negative_prompt, *, steps, guidance_scale, sampler, seed, num_images,
-                         clip_skip, guidance_rescale, strength=None) -> "_Request":
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError("The prompt is empty: describe the image you want, e.g. 'a red fox in the snow'.")
-        if negative_prompt is None:
-            negative_prompt = ""
-        if not isinstance(negative_prompt, str):
-            raise ValueError("The negative prompt must be text (or empty).")
-        for label, text in (("prompt", prompt), ("negative prompt", negative_prompt)):
-            windows = len(self._token_windows(text))
-            if windows > MAX_PROMPT_WINDOWS:
-                raise ValueError(
-                    f"The {label} is too long: {windows * 75} tokens or more, the limit is "
-                    f"{MAX_PROMPT_WINDOWS * 75}. Shorten it."
-                )
-        if sampler not in samplers.SAMPLER_NAMES:
-            raise ValueError(f"Unknown sampler {sampler!r}: choose one of {', '.join(samplers.SAMPLER_NAMES)}.")
-        if isinstance(steps, bool) or not isinstance(steps, int):
-            raise ValueError(f"steps must be a whole number, got {steps!r}.")
-        if not (isinstance(guidance_scale, (int, float)) and 0.0 <= guidance_scale <= MAX_GUIDANCE_SCALE):
-            raise ValueError(f"guidance_scale must be between 0 and {MAX_GUIDANCE_SCALE:g} (7.5 is typical), got {guidance_scale!r}.")
-        if not (isinstance(guidance_rescale, (int, float)) and 0.0 <= guidance_rescale <= 1.0):
-            raise ValueError(f"guidance_rescale must be between 0 and 1, got {guidance_rescale!r}.")
-        if isinstance(num_images, bool) or not isinstance(num_images, int) or not 1 <= num_images <= self.max_images:
-            raise ValueError(f"num_images must be a whole number from 1 to {self.max_images}, got {num_images!r}.")
-        max_skip = self.text_encoder.config.num_layers
-        if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or not 1 <= clip_skip < max_skip:
-            raise ValueError(f"clip_skip must be a whole number from 1 (last layer) to {max_skip - 1}, got {clip_skip!r}.")
-        if seed is None:
-            seed = secrets.randbelow(2**32)
-        elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED - num_images:
-            raise ValueError(f"seed must be a whole number from 0 to {MAX_SEED - num_images} (or None for a random one), got {seed!r}.")
-        return _Request(
-            prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance_scale=float(guidance_scale),
-            sampler=sampler, seeds=[seed + i for i in range(num_images)], clip_skip=clip_skip,
-            guidance_rescale=float(guidance_rescale), strength=strength, model=self.name,
+    def _windows(self, text: str) -> list[prompts.TokenWindow]:
+        return prompts.token_windows(self.tokenizer, text, length=self.text_encoder.config.max_position_embeddings)
+
+
+def _pixels(image: Image.Image, width: int, height: int) -> torch.Tensor:
+    """An RGB image as the VAE's input ``[1, 3, height, width]`` in [-1, 1]."""
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.LANCZOS)
+    return pil_to_tensor(image)[None]
+
+
+def _step_hook(callback: StepCallback | None, cancel: CancelToken | None) -> StepCallback:
+    """The sampler's per-step callback: stop when ``cancel`` is set, else report to ``callback``."""
+
+    def on_step(step: int, total: int, x0_hat: torch.Tensor) -> None:
+        if cancel is not None and cancel.is_set():
+            raise GenerationCancelled(f"generation cancelled after step {step + 1} of {total}")
+        if callback is not None:
+            callback(step, total, x0_hat)
+
+    return on_step
+
+
+def _finite(pixels: torch.Tensor) -> torch.Tensor:
+    if not torch.isfinite(pixels).all():
+        raise ValueError(
+            "The decoded image contains NaN or infinite values: the model diverged at this "
+            "precision. Try float32 (--dtype float32), fewer guidance, or another sampler."
         )
-
-    def _checked_size(self, width: int | None, height: int | None) -> tuple[int, int]:
-        width = self.native_size if width is None else width
-        height = self.native_size if height is None else height
-        for label, value in (("width", width), ("height", height)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < self.vae_scale_factor:
-                raise ValueError(f"{label} must be a whole number of pixels of at least {self.vae_scale_factor}, got {value!r}.")
-            if value % 8:
-                raise ValueError(f"{label} must be a multiple of 8, got {value}: try {max(8, value // 8 * 8)} or {value // 8 * 8 + 8}.")
-        if width * height > self.max_pixels:
-            raise ValueError(
-                f"{width}x{height} is {width * height} pixels, over this server's budget of {self.max_pixels} "
-                f"(e.g. {int(math.isqrt(self.max_pixels)) // 8 * 8} x {int(math.isqrt(self.max_pixels)) // 8 * 8}). Use a smaller size."
-            )
-        return width, height
-
-    def _prepare_image(self, image: Image.Image, width: int | None, height: int | None) -> torch.Tensor:
-        if image is None:
-            raise ValueError("No input image: upload or paste an image to start from.")
-        if isinstance(image, np.ndarray):
-            image = Image.fromarray(image)
-        if not isinstance(image, Image.Image):
-            raise ValueError(f"The input image must be a PIL image or an array, got {type(image).__name__}.")
-        if image.width < 1 or image.height < 1:
-            raise ValueError("The input image is empty (0 pixels).")
-        image = to_rgb(image)
-        if width is None and height is None:
-            # The image's own size, scaled down into the pixel budget, rounded down to 8.
-            shrink = min(1.0, math.sqrt(self.max_pixels / (image.width * image.height)))
-            width = max(8, int(image.width * shrink) // 8 * 8)
-            height = max(8, int(image.height * shrink) // 8 * 8)
-        else:
-            width = width if width is not None else image.width * height // image.height // 8 * 8
-            height = height if height is not None else image.height * width // image.width // 8 * 8
-        width, height = self._checked_size(width, height)
-        if image.size != (width, height):
-            image = image.resize((width, height), Image.LANCZOS)
-        array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-        return torch.from_numpy(array).permute(2, 0, 1)[None]
-
-    # ---------------------------------------------------------------- tokens
-    def _token_windows(self, text: str) -> list[list[int]]:
-        length = self.text_encoder.config.max_position_embeddings
-        ids = self.tokenizer(text, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
-        span = length - 2
-        chunks = [ids[i : i + span] for i in range(0, len(ids), span)] or [[]]
-        return [self._pad_window(chunk) for chunk in chunks]
-
-    def _pad_window(self, chunk: list[int]) -> list[int]:
-        length = self.text_encoder.config.max_position_embeddings
-        tok = self.tokenizer
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        window = [tok.bos_token_id, *chunk, tok.eos_token_id]
-        return window + [pad] * (length - len(window))
-
-
-@dataclass(frozen=True)
-class _Request:
-    prompt: str
-    negative_prompt: str
-    steps: int
-    guidance_scale: float
-    sampler: str
-    seeds: list[int]
-    clip_skip: int
-    guidance_rescale: float
-    strength: float | None
-    model: str
-
-    def result(self, images: list[Image.Image], width: int, height: int) -> Generation:
-        size = f"{width}x{height}"
-        return Generation(images, self.seeds, [self.infotext(seed, size) for seed in self.seeds])
-
-    def infotext(self, seed: int, size: str) -> str:
-        """The generation parameters in the text format the popular web UIs write into PNGs."""
-        lines = [self.prompt]
-        if self.negative_prompt:
-            lines.append(f"Negative prompt: {self.negative_prompt}")
-        fields = [
-            f"Steps: {self.steps}",
-            f"Sampler: {SAMPLER_LABELS.get(self.sampler, self.sampler)}",
-            f"CFG scale: {self.guidance_scale:g}",
-            f"Seed: {seed}",
-            f"Size: {size}",
-            f"Model: {self.model}",
-        ]
-        if self.strength is not None:
-            fields.append(f"Denoising strength: {self.strength:g}")
-        if self.clip_skip > 1:
-            fields.append(f"Clip skip: {self.clip_skip}")
-        if self.guidance_rescale:
-            fields.append(f"CFG rescale: {self.guidance_rescale:g}")
-        lines.append(", ".join(fields))
-        return "\n".join(lines)
+    return pixels

@@ -7,6 +7,9 @@ to within 1/255 per pixel.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -14,7 +17,7 @@ from PIL import Image, PngImagePlugin
 
 from conftest import assert_same_picture, build_tiny_reference_pipeline
 from stable_diffusion.hub import load
-from stable_diffusion.images import save_png
+from stable_diffusion.images import native_area_size, save_png
 from stable_diffusion.pipelines import GenerationCancelled
 
 SIZE = 32  # pixels; the tiny VAE downsamples 2x, so 16x16 latents
@@ -55,11 +58,30 @@ def reference_images(pipe, **kwargs) -> np.ndarray:
     return (out * 255).round().astype(np.int16)
 
 
-def test_infotext_and_tokens_helpers(ours):
-    window = ours._token_windows("a photo of a cat")
-    assert len(window) == 1 and len(window[0]) == 77
+def test_a_short_plain_prompt_is_one_window_as_the_tokenizer_pads_it(ours):
+    windows = ours._windows("a photo of a cat")
+    assert len(windows) == 1 and len(windows[0].ids) == 77 and set(windows[0].weights) == {1.0}
     expected = ours.tokenizer("a photo of a cat", padding="max_length", max_length=77, truncation=True).input_ids
-    assert window[0] == expected
+    assert list(windows[0].ids) == expected
+
+
+def test_weighted_prompt_follows_the_original_emphasis_rule(ours):
+    """A1111's "Original" emphasis: scale each token's hidden state by its weight, then restore the mean."""
+    prompt = "a (red:1.5) cat on [a mat], (((looking up)))"
+    # The rule divides by the window's mean. Real CLIP's final layer norm has a bias, so the mean
+    # is far from 0; the random test model's is zero, and its mean (~1e-9) would be rounding noise.
+    ours = dataclasses.replace(ours, text_encoder=copy.deepcopy(ours.text_encoder))
+    torch.nn.init.uniform_(ours.text_encoder.final_layer_norm.bias, 0.2, 0.6)
+    (window,) = ours._windows(prompt)
+    with torch.inference_mode():
+        plain = ours.text_encoder(torch.tensor([window.ids])).double()
+    weights = torch.tensor(window.weights, dtype=torch.float64)[None, :, None]
+    assert sorted(set(window.weights)) == pytest.approx([1 / 1.1, 1.0, 1.1**3, 1.5])
+    expected = plain * weights * (plain.mean() / (plain * weights).mean())
+    torch.testing.assert_close(ours.encode_prompt(prompt).double(), expected, rtol=1e-5, atol=1e-5)
+    # The negative prompt too, and the generation runs with both weighted.
+    result = ours.text_to_image(prompt, "(blurry:1.4)", width=SIZE, height=SIZE, steps=2, seed=1)
+    assert result.parameters[0].startswith(prompt + "\nNegative prompt: (blurry:1.4)\n")
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m", "euler_a"])
@@ -86,7 +108,8 @@ def test_image_to_image_matches_diffusers(reference, ours, sampler):
     start = Image.fromarray(rng.integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8))
     expected = reference_images(img2img, prompt="a square", negative_prompt="", image=start, strength=0.6,
                                 num_inference_steps=10, guidance_scale=5.0, generator=[torch.Generator().manual_seed(7)])
-    result = ours.image_to_image(start, "a square", strength=0.6, steps=10, guidance_scale=5.0, sampler=sampler, seed=7)
+    result = ours.image_to_image(start, "a square", strength=0.6, steps=10, guidance_scale=5.0, sampler=sampler, seed=7,
+                                 width=SIZE, height=SIZE)
     assert np.abs(as_uint8(result.images) - expected).max() <= 1
 
 
@@ -131,11 +154,11 @@ def test_batch_and_thread_count_change_only_rounding(ours, threads):
 
 def test_long_prompts_are_encoded_in_windows(ours):
     long_prompt = ", ".join(["a very detailed painting of a lighthouse"] * 12)
-    windows = ours._token_windows(long_prompt)
-    assert len(windows) >= 2 and all(len(w) == 77 for w in windows)
+    windows = ours._windows(long_prompt)
+    assert len(windows) >= 2 and all(len(w.ids) == 77 for w in windows)
     context = ours.encode_prompt(long_prompt)
     assert context.shape == (1, 77 * len(windows), ours.text_encoder.config.hidden_size)
-    first = torch.tensor([windows[0]])
+    first = torch.tensor([windows[0].ids])
     with torch.inference_mode():
         alone = ours.text_encoder(first)
     torch.testing.assert_close(context[:, :77], alone)
@@ -168,13 +191,14 @@ def test_preview_of_a_large_vae_is_a_fitted_linear_map(ours, monkeypatch):
     import stable_diffusion.pipelines as pipelines
 
     monkeypatch.setattr(pipelines, "CHEAP_DECODE_PARAMETERS", 0)
-    monkeypatch.setattr(ours, "_latent_rgb", None)
+    large = dataclasses.replace(ours)  # fits the map at construction, as a large VAE's pipeline does
     x0 = torch.randn(2, 4, SIZE // 2, SIZE // 2)
-    previews = ours.preview(x0)
+    previews = large.preview(x0)
     assert [p.size for p in previews] == [(SIZE, SIZE)] * 2
-    assert ours._latent_rgb.shape == (3, 5)  # RGB from 4 channels + bias
+    # RGB from the 4 latent channels, plus a bias.
+    weight, bias = large._latent_rgb.weight, large._latent_rgb.bias
+    assert weight.shape == (3, 4) and bias.shape == (3,)
     # Each preview pixel is the same affine function of its latent pixel, upscaled by nearest.
-    weight, bias = ours._latent_rgb[:, :4], ours._latent_rgb[:, 4]
     rgb = weight @ (x0[0, :, 0, 0] / ours.vae.config.scaling_factor) + bias
     expected = ((rgb / 2 + 0.5).clamp(0, 1) * 255).round()
     assert np.abs(np.asarray(previews[0])[0, 0].astype(int) - expected.numpy()).max() <= 1
@@ -214,9 +238,19 @@ def test_bad_text_to_image_input(ours, kwargs, message):
         ours.text_to_image("a cat", **options)
 
 
-@pytest.mark.parametrize("prompt", ["", "   \n\t", None])
-def test_empty_prompt_is_rejected(ours, prompt):
-    with pytest.raises(ValueError, match="prompt"):
+def test_empty_prompt_is_an_unconditional_sample(reference, ours):
+    """An empty prompt samples p(x) rather than p(x | c), as diffusers and the web UIs allow."""
+    reference.scheduler = reference_scheduler("ddim", reference)
+    expected = reference_images(reference, prompt="", height=SIZE, width=SIZE, num_inference_steps=5,
+                                guidance_scale=7.5, generator=[torch.Generator().manual_seed(4)])
+    result = ours.text_to_image("", width=SIZE, height=SIZE, steps=5, sampler="ddim", seed=4)
+    assert np.abs(as_uint8(result.images) - expected).max() <= 1
+    assert result.parameters[0].startswith("\nSteps: 5")
+
+
+@pytest.mark.parametrize("prompt", [None, 42])
+def test_a_prompt_that_is_not_text_is_rejected(ours, prompt):
+    with pytest.raises(ValueError, match="prompt must be text"):
         ours.text_to_image(prompt, width=SIZE, height=SIZE, steps=2)
 
 
@@ -241,8 +275,23 @@ def test_image_modes_are_accepted(ours, mode):
     rgb = Image.fromarray(rng.integers(0, 255, (SIZE + 5, SIZE + 3, 3), dtype=np.uint8))
     image = rgb.convert("RGBA").convert(mode) if mode != "I;16" else rgb.convert("L").convert("I;16")
     result = ours.image_to_image(image, "a cat", strength=0.5, steps=2, seed=0)
-    # Its own size, rounded down to multiples of 8.
-    assert result.images[0].size == (SIZE, SIZE)
+    # Its aspect ratio at the model's native area (16² for this tiny model), in multiples of 8.
+    assert result.images[0].size == native_area_size(image.size, ours.native_size) == (16, 16)
+
+
+@pytest.mark.parametrize(
+    ("size", "options", "expected"),
+    [
+        ((9000, 9000), {}, (16, 16)),  # a huge photo: the native area, not the pixel budget
+        ((12, 40), {}, (8, 32)),  # a thin strip keeps its shape
+        ((64, 32), {"width": 48}, (48, 24)),  # one side given: the other keeps the aspect ratio
+        ((64, 32), {"height": 16}, (32, 16)),
+        ((64, 32), {"width": 24, "height": 40}, (24, 40)),  # both given: as asked
+    ],
+)
+def test_image_to_image_sizing_rule(ours, size, options, expected):
+    result = ours.image_to_image(Image.new("RGB", size, "red"), "a cat", strength=0.5, steps=2, seed=0, **options)
+    assert result.images[0].size == expected
 
 
 def test_nan_output_is_a_clear_error(ours, monkeypatch):

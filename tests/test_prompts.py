@@ -154,7 +154,7 @@ def window(tokens: list[int], weights: list[float] | None = None, *, pad: int = 
 @pytest.mark.parametrize("prompt", ["a watercolor lighthouse at dawn, soft light", "", "time: noon; x:1.5) ]"])
 @pytest.mark.parametrize(("layout", "pad"), [("stable-diffusion-v1-5", EOS), ("stable-diffusion-2-1", SD2_PAD)])
 def test_short_prompt_without_brackets_is_today_s_single_window(hub_layouts, layout, pad, prompt):
-    # Today's encoding (pipelines.StableDiffusion._token_windows): the whole prompt tokenized at
+    # The encoding before emphasis existed: the whole prompt tokenized at
     # once, BOS + tokens + EOS, padded with the tokenizer's pad token (EOS if it has none).
     tokenizer = CLIPTokenizer.from_pretrained(hub_layouts / layout / "tokenizer")
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]

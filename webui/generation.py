@@ -1,0 +1,230 @@
+"""The generation tabs (text to image, image to image): one builder, one streaming loop.
+
+A request runs in a worker thread; its live previews stream to the page while it samples, then
+the finished PNG files (with their parameters chunk) fill the gallery. The page's settings
+become a ``GenerationRequest``, the one type every door of the package speaks.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import torch
+from PIL import Image
+
+from stable_diffusion.images import grid, save_png
+from stable_diffusion.pipelines import SAMPLER_LABELS, Generation, GenerationCancelled, StableDiffusion
+from stable_diffusion.request import GenerationRequest
+from stable_diffusion.samplers import SAMPLER_NAMES
+
+from .errors import user_error
+from .served import ServedModel, gpu
+
+__all__ = ["GENERATION_CONCURRENCY", "MAX_IMAGES", "MAX_STEPS", "generation_tab"]
+
+logger = logging.getLogger(__name__)
+
+# Server-side limits: the API can be called without the page, so the components' bounds (which
+# Gradio checks on the server) and the pipeline's own checks are the real guard, not the sliders.
+MAX_STEPS = 100
+MAX_IMAGES = 4
+# One model, one device: generations run one at a time and the rest wait in the queue. Running two
+# at once on one GPU or CPU would only split its throughput and double the peak memory.
+GENERATION_CONCURRENCY = 1
+# Live previews of small models are tiny (32 px for the bundled one): shown at least this large.
+PREVIEW_SIDE = 256
+
+
+class Controls:
+    """The settings both generation tabs share, in the order their endpoints take them."""
+
+    def __init__(self, served: ServedModel, *, prefix: str, auto_size: bool, placeholder: str) -> None:
+        pipe = served.pipe
+        native = pipe.native_size if pipe is not None else 512
+        max_pixels = pipe.max_pixels if pipe is not None else native * native
+        # Every width and height the sliders allow together fits the server's pixel budget.
+        largest = max(8, math.isqrt(max_pixels) // 8 * 8)
+        smallest = 0 if auto_size else min(64, native)
+        size_info = "0 and 0: the input's shape at the native size" if auto_size else None
+        self.prompt = gr.Textbox(label="Prompt", lines=2, placeholder=placeholder, elem_id=f"{prefix}-prompt")
+        self.negative_prompt = gr.Textbox(value="", label="Negative prompt", lines=1, elem_id=f"{prefix}-negative-prompt")
+        with gr.Row():
+            self.sampler = gr.Dropdown([(SAMPLER_LABELS.get(name, name), name) for name in SAMPLER_NAMES],
+                                       value="dpmpp_2m_karras", label="Sampler", elem_id=f"{prefix}-sampler")
+            self.steps = gr.Slider(1, MAX_STEPS, value=20, step=1, precision=0, label="Steps", elem_id=f"{prefix}-steps")
+            self.guidance_scale = gr.Slider(0, 20, value=7.5, step=0.5, label="Guidance scale (CFG)")
+        with gr.Row():
+            default_size = 0 if auto_size else min(native, largest)
+            self.width = gr.Slider(smallest, largest, value=default_size, step=8, precision=0, label="Width", info=size_info)
+            self.height = gr.Slider(smallest, largest, value=default_size, step=8, precision=0, label="Height",
+                                    info=size_info)
+        with gr.Row():
+            self.seed = gr.Number(value=-1, precision=0, minimum=-1, label="Seed (-1: random)",
+                                  info="image i of a request uses seed + i")
+            self.random_seed = gr.Button("Random seed", size="sm")
+            max_images = min(MAX_IMAGES, pipe.max_images) if pipe is not None else MAX_IMAGES
+            self.num_images = gr.Slider(1, max_images, value=1, step=1, precision=0, label="Images")
+        self.random_seed.click(lambda: -1, outputs=self.seed, api_visibility="private", queue=False)
+
+    def inputs(self) -> list[gr.components.Component]:
+        return [self.prompt, self.negative_prompt, self.sampler, self.steps, self.guidance_scale,
+                self.width, self.height, self.seed, self.num_images]
+
+
+def generation_tab(served: ServedModel, *, prefix: str, takes_image: bool, examples: list[list[Any]],
+                   placeholder: str) -> None:
+    """One generation tab: its controls, its results, and its API endpoint.
+
+    ``takes_image``: image to image (an input image and a strength before the shared settings).
+    ``examples``: rows of (prompt, negative prompt), or of (image, prompt, strength) with ``takes_image``.
+    """
+    if served.pipe is None:
+        gr.Markdown(f"**This tab cannot run: no model is loaded.** {served.notice}")
+    with gr.Row():
+        with gr.Column():
+            extra_inputs = _image_inputs(prefix) if takes_image else []
+            controls = Controls(served, prefix=prefix, auto_size=takes_image, placeholder=placeholder)
+            with gr.Row():
+                generate = gr.Button("Generate", variant="primary", interactive=served.pipe is not None,
+                                     elem_id=f"{prefix}-generate")
+                stop = gr.Button("Stop", variant="stop", elem_id=f"{prefix}-stop")
+        with gr.Column():
+            outputs = _results(prefix)
+    if takes_image:  # rows of (image, prompt, strength)
+        example_inputs = [extra_inputs[0], controls.prompt, extra_inputs[1]]
+    else:  # rows of (prompt, negative prompt)
+        example_inputs = [controls.prompt, controls.negative_prompt]
+    gr.Examples(examples, inputs=example_inputs, cache_examples=False)
+    handler = _image_to_image(served) if takes_image else _text_to_image(served)
+    event = gr.on([generate.click, controls.prompt.submit], handler, inputs=[*extra_inputs, *controls.inputs()],
+                  outputs=outputs, api_name=handler.__name__, concurrency_limit=GENERATION_CONCURRENCY,
+                  concurrency_id="model", show_progress_on=[outputs[0]])
+    stop.click(None, cancels=[event], api_visibility="private", queue=False)
+
+
+def _image_inputs(prefix: str) -> list[gr.components.Component]:
+    image = gr.Image(label="Input image", type="pil", sources=["upload", "clipboard"], height=384,
+                     elem_id=f"{prefix}-input")
+    strength = gr.Slider(0.05, 1.0, value=0.75, step=0.05, label="Strength",
+                         info="how much of the image to redraw: 0 keeps it, 1 ignores it")
+    return [image, strength]
+
+
+def _results(prefix: str) -> list[gr.components.Component]:
+    gallery = gr.Gallery(label="Results (PNG files carry their parameters)", columns=2, height=512,
+                         object_fit="contain", buttons=["download", "fullscreen"], elem_id=f"{prefix}-gallery")
+    # PNG, not Gradio's default lossy WebP: the enlarged pixels of a small preview stay sharp.
+    preview = gr.Image(label="Live preview of the denoising (predicted x₀)", interactive=False, height=256,
+                       format="png", elem_id=f"{prefix}-preview")
+    parameters = gr.Textbox(label="Parameters", lines=4, buttons=["copy"])
+    return [gallery, preview, parameters]
+
+
+# ------------------------------------------------------------------------------------ endpoints
+def _text_to_image(served: ServedModel) -> Callable[..., Iterator[tuple[Any, Any, str]]]:
+    @gpu
+    def text_to_image(prompt: str, negative_prompt: str, sampler: str, steps: int, guidance_scale: float,
+                      width: int, height: int, seed: int, num_images: int,
+                      progress: gr.Progress = gr.Progress()) -> Iterator[tuple[Any, Any, str]]:
+        settings = dict(negative_prompt=negative_prompt, sampler=sampler, steps=steps, guidance_scale=guidance_scale,
+                        width=width, height=height, seed=seed, num_images=num_images)
+        yield from _stream(served, prompt, settings, None, progress)
+
+    return text_to_image
+
+
+def _image_to_image(served: ServedModel) -> Callable[..., Iterator[tuple[Any, Any, str]]]:
+    @gpu
+    def image_to_image(image: Image.Image | None, strength: float, prompt: str, negative_prompt: str, sampler: str,
+                       steps: int, guidance_scale: float, width: int, height: int, seed: int, num_images: int,
+                       progress: gr.Progress = gr.Progress()) -> Iterator[tuple[Any, Any, str]]:
+        settings = dict(negative_prompt=negative_prompt, sampler=sampler, steps=steps, guidance_scale=guidance_scale,
+                        width=width or None, height=height or None, seed=seed, num_images=num_images,
+                        strength=strength)
+        yield from _stream(served, prompt, settings, image, progress)
+
+    return image_to_image
+
+
+def _request(prompt: str, settings: dict[str, Any]) -> GenerationRequest:
+    """The page's values as a request: sliders give floats, and seed -1 (or nothing) asks for a random one."""
+    seed = settings.pop("seed")
+    whole = {name: int(value) for name, value in settings.items()
+             if name in ("steps", "width", "height", "num_images") and value is not None}
+    return GenerationRequest(prompt, **{**settings, **whole, "seed": None if seed in (None, -1) else int(seed)})
+
+
+# ------------------------------------------------------------------------------------ streaming
+def _stream(served: ServedModel, prompt: str, settings: dict[str, Any], image: Image.Image | None,
+            progress: gr.Progress) -> Iterator[tuple[Any, Any, str]]:
+    """Run a generation in a worker thread; yield live previews, then the finished PNG files.
+
+    The sampler's callback feeds a queue that this generator drains, so a slow browser never slows
+    the sampling (previews it could not show in time are skipped). When Gradio closes the
+    generator (the user pressed Stop or went away), ``finally`` sets the cancel event and the
+    pipeline stops at its next step.
+    """
+    pipe = served.require()
+    try:
+        request = _request(prompt, settings)
+    except ValueError as error:
+        raise user_error(error) from None
+    updates: queue.Queue = queue.Queue()
+    cancel = threading.Event()
+    threading.Thread(target=_work, args=(pipe, request, image, updates, cancel), name="generation", daemon=True).start()
+    try:
+        while True:
+            update = updates.get()
+            while not updates.empty():  # skip to the newest; "done"/"error" always come last
+                update = updates.get_nowait()
+            kind, *payload = update
+            if kind == "error":
+                raise user_error(payload[0])
+            if kind == "done":
+                break
+            step, total, preview = payload
+            progress((step + 1, total), desc="Denoising", unit="steps")
+            yield gr.skip(), preview, f"Step {step + 1} of {total}"
+        result: Generation = payload[0]
+        with tempfile.TemporaryDirectory(prefix="sd-app-") as folder:
+            # Gradio copies the files into its cache while handling this yield, before the folder goes.
+            yield _png_files(result, Path(folder)), gr.skip(), "\n\n".join(result.parameters)
+    finally:
+        cancel.set()
+
+
+def _work(pipe: StableDiffusion, request: GenerationRequest, image: Image.Image | None, updates: queue.Queue,
+          cancel: threading.Event) -> None:
+    def on_step(step: int, total: int, x0_latents: torch.Tensor) -> None:
+        updates.put(("step", step, total, _enlarged(grid(pipe.preview(x0_latents)))))
+
+    try:
+        updates.put(("done", pipe.generate(request, image=image, callback=on_step, cancel=cancel)))
+    except GenerationCancelled as error:  # the user pressed Stop or left: nobody is listening
+        logger.info("Generation stopped: %s", error)
+    except Exception as error:  # handed to the generator, which reports it on the page
+        updates.put(("error", error))
+
+
+def _enlarged(image: Image.Image) -> Image.Image:
+    """A small preview scaled up by a whole factor, without smoothing, so its pixels stay visible."""
+    factor = max(1, PREVIEW_SIDE // max(image.size))
+    return image.resize((image.width * factor, image.height * factor), Image.NEAREST) if factor > 1 else image
+
+
+def _png_files(result: Generation, folder: Path) -> list[tuple[str, str]]:
+    """The images as PNG files with their parameters chunk, captioned with their seeds."""
+    items = []
+    for image, seed, parameters in zip(result.images, result.seeds, result.parameters, strict=True):
+        path = folder / f"seed-{seed}.png"
+        save_png(image, path, parameters)
+        items.append((str(path), f"seed {seed}"))
+    return items

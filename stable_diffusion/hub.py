@@ -220,7 +220,7 @@ def _load_single_file(
     try:
         networks = single_file.ldm_to_hub(state)
         configs = single_file.hub_configs(
-            state, prediction_type=prediction_type, original_config=single_file.read_sidecar(path)
+            state, networks, prediction_type=prediction_type, original_config=single_file.read_sidecar(path)
         )
     except single_file.LDMLayoutError as error:
         raise ModelLoadError(

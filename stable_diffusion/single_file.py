@@ -1,4 +1,4 @@
-"""Single-file checkpoints in the original LDM layout <-> the Hub (diffusers / transformers) layout.
+"""Single-file checkpoints in the original LDM layout -> the Hub (diffusers / transformers) layout.
 
 The latent diffusion training code (Rombach et al. 2022; github.com/CompVis/stable-diffusion for
 SD 1.x, github.com/Stability-AI/stablediffusion for 2.x) saves its whole ``LatentDiffusion``
@@ -9,10 +9,20 @@ module as one state dict:
     cond_stage_model.transformer.*   SD 1.x text encoder: transformers' CLIPTextModel, its names inside
     cond_stage_model.model.*         SD 2.x text encoder: an OpenCLIP ViT-H/14 text tower, OpenCLIP's names
 
-plus the DDPM schedule as buffers and EMA bookkeeping. The map to the Hub layout is a list of
-prefix rules generated from the architecture, which is read off the tensor names (levels, resnets
-per level, which levels attend), so fine-tunes of other widths and depths map too. Inside a block
-the names are either identical (the UNet's spatial transformers) or renamed by a short suffix table.
+plus the DDPM schedule as buffers and EMA bookkeeping. Stability's later training code
+(github.com/Stability-AI/generative-models, "sgm") saved SD-Turbo, an SD 2.1 distilled for 1-4
+steps (Sauer et al. 2023), with the same UNet and VAE names but the text encoder elsewhere:
+
+    conditioner.embedders.0.model.*  the OpenCLIP text tower, OpenCLIP's names (sgm's GeneralConditioner)
+    denoiser.sigmas                  the training σ's, a buffer of sgm's DiscreteDenoiser
+
+SDXL files share that layout (``conditioner.embedders.*``); they are told apart and refused, see
+``_refuse_sdxl``.
+
+The map to the Hub layout is a list of prefix rules generated from the architecture, which is read
+off the tensor names (levels, resnets per level, which levels attend), so fine-tunes of other
+widths and depths map too. Inside a block the names are either identical (the UNet's spatial
+transformers) or renamed by a short suffix table.
 
 Two tensor transforms are unavoidable (``Rule.transform``):
 
@@ -22,15 +32,15 @@ Two tensor transforms are unavoidable (``Rule.transform``):
   (``in_proj_weight`` [3C, C], ``in_proj_bias`` [3C]); the Hub layout has three projections.
 
 Tensors skipped on purpose are listed in ``SKIPPED`` (and OpenCLIP's last block, see
-``clip_rules``). Whether a checkpoint predicts ε or v cannot be read from its tensors: see
-``hub_configs``.
+``clip_rules``). Whether a checkpoint predicts ε or v, and which scheduler config it was
+released with, cannot be read from its tensors: see ``hub_configs``. (The inverse map, Hub
+layout -> single file, is a test helper: tests/ldm_export.py.)
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -48,7 +58,6 @@ __all__ = [
     "LDMLayoutError",
     "Rule",
     "hub_configs",
-    "hub_to_ldm",
     "ldm_to_hub",
     "read_sidecar",
 ]
@@ -61,11 +70,18 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."  # SD 1.x: ldm.modules.encoders.modules.FrozenCLIPEmbedder
 OPEN_CLIP_PREFIX = "cond_stage_model.model."  # SD 2.x: FrozenOpenCLIPEmbedder
+SGM_OPEN_CLIP_PREFIX = "conditioner.embedders.0.model."  # SD-Turbo: sgm's FrozenOpenCLIPEmbedder
 
 # The LDM parameterizations (``model.params.parameterization`` of its yaml) in diffusers' words.
 _LDM_PARAMETERIZATIONS = {"eps": "epsilon", "v": "v_prediction"}
 _SIDECAR_SUFFIXES = (".yaml", ".yml", ".json")
-_CONFIGS = Path(__file__).parent / "assets" / "configs"  # the SD 1.5 / 2.1 / 2.1-base Hub configs
+# _CONFIGS holds the SD 1.5 / 2.1 / 2.1-base Hub configs and SD-Turbo's scheduler config. SD-Turbo's
+# networks are SD 2.1's and make 512-px images: they start from 2.1-base's configs (its own Hub
+# network configs could not be read here).
+_CONFIGS = Path(__file__).parent / "assets" / "configs"
+_NETWORK_CONFIGS = {"sd-turbo": "sd21-base"}
+# sgm's yaml names the parameterization by the class that scales the UNet's input and output.
+_SGM_SCALINGS = {"EpsScaling": "epsilon", "VScaling": "v_prediction"}
 
 SKIPPED: tuple[tuple[str, str], ...] = (
     (
@@ -77,9 +93,10 @@ SKIPPED: tuple[tuple[str, str], ...] = (
         "the DDPM schedule LatentDiffusion keeps as buffers; it follows from the scheduler config",
     ),
     (r"model_ema\..*", "LDM's EMA copy of the UNet and its bookkeeping (decay, num_updates)"),
+    (r"denoiser\.sigmas", "sgm's buffer of the training σ's (SD-Turbo); they follow from the scheduler config"),
     (r"cond_stage_model\.transformer\.(text_model\.)?embeddings\.position_ids", "a saved arange(77)"),
     (
-        r"cond_stage_model\.model\.(text_projection|logit_scale)",
+        r"(cond_stage_model|conditioner\.embedders\.0)\.model\.(text_projection|logit_scale)",
         "OpenCLIP's contrastive head: SD conditions on the hidden states",
     ),
 )
@@ -88,7 +105,7 @@ _SKIPPED = re.compile("|".join(f"(?:{pattern})" for pattern, _ in SKIPPED))
 
 
 class LDMLayoutError(ValueError):
-    """The tensors are not (all) an SD 1.x / 2.x checkpoint in the LDM single-file layout."""
+    """The tensors are not (all) an SD 1.x / 2.x checkpoint in the LDM (or sgm) single-file layout."""
 
 
 # ---------------------------------------------------------------------------------------- rules
@@ -164,8 +181,12 @@ class VAELayout:
 
 @dataclass(frozen=True)
 class CLIPLayout:
-    open_clip: bool
+    prefix: str  # CLIP_PREFIX, OPEN_CLIP_PREFIX or SGM_OPEN_CLIP_PREFIX
     layers: int  # in the Hub layout; an OpenCLIP file holds one more
+
+    @property
+    def open_clip(self) -> bool:
+        return self.prefix != CLIP_PREFIX
 
 
 def unet_rules(layout: UNetLayout) -> list[Rule]:
@@ -256,9 +277,9 @@ def clip_rules(layout: CLIPLayout) -> list[Rule]:
     no rule maps it, and ``ldm_to_hub`` skips it."""
     if not layout.open_clip:
         return [Rule("clip", CLIP_PREFIX + "text_model.", "text_model."), Rule("clip", CLIP_PREFIX, "text_model.")]
-    rules = [Rule("clip", OPEN_CLIP_PREFIX, "text_model.", OPEN_CLIP_EMBEDDINGS)]
+    rules = [Rule("clip", layout.prefix, "text_model.", OPEN_CLIP_EMBEDDINGS)]
     for i in range(layout.layers):
-        ldm, hub = f"{OPEN_CLIP_PREFIX}transformer.resblocks.{i}.", f"text_model.encoder.layers.{i}."
+        ldm, hub = f"{layout.prefix}transformer.resblocks.{i}.", f"text_model.encoder.layers.{i}."
         rules += [Rule("clip", ldm, hub, OPEN_CLIP_LAYER), Rule("clip", ldm, hub, OPEN_CLIP_FUSED, "fused_qkv")]
     return rules
 
@@ -323,18 +344,19 @@ def _vae_layout_from_hub(names: set[str]) -> VAELayout:
 
 
 def _clip_layout_from_ldm(names: set[str]) -> CLIPLayout:
-    if any(name.startswith(OPEN_CLIP_PREFIX) for name in names):
-        blocks = _numbers(names, re.escape(OPEN_CLIP_PREFIX) + r"transformer\.resblocks\.(\d+)\.")
-        return CLIPLayout(open_clip=True, layers=len(blocks) - 1)
+    for prefix in (OPEN_CLIP_PREFIX, SGM_OPEN_CLIP_PREFIX):
+        if any(name.startswith(prefix) for name in names):
+            blocks = _numbers(names, re.escape(prefix) + r"transformer\.resblocks\.(\d+)\.")
+            return CLIPLayout(prefix, layers=len(blocks) - 1)
     layers = _numbers(names, re.escape(CLIP_PREFIX) + r"(?:text_model\.)?encoder\.layers\.(\d+)\.")
-    return CLIPLayout(open_clip=False, layers=len(layers))
+    return CLIPLayout(CLIP_PREFIX, layers=len(layers))
 
 
 def _ldm_rules(names: set[str]) -> tuple[list[Rule], CLIPLayout]:
     namespaces = {
         "UNet": (UNET_PREFIX,),
         "VAE": (VAE_PREFIX,),
-        "text encoder": (CLIP_PREFIX, OPEN_CLIP_PREFIX),
+        "text encoder": (CLIP_PREFIX, OPEN_CLIP_PREFIX, SGM_OPEN_CLIP_PREFIX),
     }
     missing = [
         f"{network} ({' or '.join(p + '*' for p in prefixes)})"
@@ -354,8 +376,6 @@ def _ldm_rules(names: set[str]) -> tuple[list[Rule], CLIPLayout]:
 def _describe(names: set[str]) -> str:
     """What a set of tensor names looks like, for error messages."""
     sample = ", ".join(sorted(names)[:3])
-    if any(name.startswith("conditioner.embedders.") for name in names):
-        return f"this looks like an SDXL checkpoint (conditioner.embedders.*), which is not supported (names: {sample})"
     if any("lora" in name.lower() for name in names):
         return f"this looks like a LoRA, not a full model (names: {sample})"
     if any(name.startswith(("down_blocks.", "encoder.down_blocks.", "text_model.")) for name in names):
@@ -365,6 +385,32 @@ def _describe(names: set[str]) -> str:
     return f"it holds {len(names)} tensors such as {sample}"
 
 
+def _refuse_sdxl(state: Mapping[str, torch.Tensor]) -> None:
+    """SDXL's single files (Podell et al. 2023) use sgm's names like SD-Turbo's; what tells them apart
+    is what SDXL adds: a second text encoder (CLIP ViT-L/14 beside OpenCLIP ViT-bigG/14, the
+    refiner keeps only bigG), a UNet context that concatenates both (768 + 1280 = 2048 wide, so
+    wider than the one text encoder an SD 2.x file has) and the pooled-text and image-size
+    embedding added to the time embedding (``label_emb``, their sec. 2.2). Only names and shapes
+    are read."""
+    evidence = []
+    if any(name.startswith(("conditioner.embedders.0.transformer.", "conditioner.embedders.1.")) for name in state):
+        evidence.append("two text encoders (conditioner.embedders.0 and .1)")
+    label_emb = [tuple(t.shape) for name, t in state.items() if name.startswith(f"{UNET_PREFIX}label_emb.")]
+    if label_emb:
+        evidence.append(f"a UNet with a size and pooled-text embedding (label_emb, {label_emb[0]})")
+    text = state.get(f"{SGM_OPEN_CLIP_PREFIX}ln_final.weight")
+    contexts = {
+        t.shape[-1] for name, t in state.items() if name.startswith(UNET_PREFIX) and name.endswith("attn2.to_k.weight")
+    }
+    if text is not None and contexts and contexts != {text.shape[0]}:
+        evidence.append(f"a UNet reading {max(contexts)}-wide text states from a {text.shape[0]}-wide text encoder")
+    if evidence:
+        raise LDMLayoutError(
+            f"this is an SDXL checkpoint ({'; '.join(evidence)}). SDXL is not supported: this package runs "
+            "SD 1.x and 2.x (SD-Turbo included)"
+        )
+
+
 # ---------------------------------------------------------------------------------- conversions
 def ldm_to_hub(state: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
     """Splits an LDM single-file state dict into Hub-layout state dicts: ``{"unet": ..., "vae": ..., "clip": ...}``.
@@ -372,9 +418,10 @@ def ldm_to_hub(state: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.T
     Tensors are returned as views (no copy). Every tensor must be mapped or listed in ``SKIPPED``;
     otherwise LDMLayoutError names the ones that are not understood.
     """
+    _refuse_sdxl(state)
     names = set(state)
     rules, clip_layout = _ldm_rules(names)
-    unused_block = f"{OPEN_CLIP_PREFIX}transformer.resblocks.{clip_layout.layers}." if clip_layout.open_clip else None
+    unused_block = f"{clip_layout.prefix}transformer.resblocks.{clip_layout.layers}." if clip_layout.open_clip else None
     hub: dict[str, dict[str, torch.Tensor]] = {network: {} for network in NETWORKS}
     unknown = []
     for name, tensor in state.items():
@@ -412,91 +459,6 @@ def _to_hub(rule: Rule, suffix: str, tensor: torch.Tensor) -> Iterator[tuple[str
         yield rule.hub + hub_suffix, tensor
 
 
-def hub_to_ldm(networks: Mapping[str, Mapping[str, torch.Tensor]], *, open_clip: bool) -> dict[str, torch.Tensor]:
-    """The inverse of ``ldm_to_hub``: one LDM single-file state dict from the Hub-layout
-    ``"unet"``, ``"vae"`` and ``"clip"`` state dicts (CLIP names with or without ``text_model.``).
-
-    ``open_clip`` writes the text encoder as SD 2.x's OpenCLIP (``cond_stage_model.model.*``),
-    otherwise as SD 1.x's CLIP. The result holds every tensor a released checkpoint holds except
-    the schedule buffers and EMA bookkeeping, so other tools that expect them load it. What the
-    Hub layout dropped is made up so as to change nothing SD computes: OpenCLIP's last resblock
-    becomes an identity (zero output projections: x + 0 + 0), ``text_projection`` the identity
-    matrix and ``logit_scale`` CLIP's initial log(1/0.07) (Radford et al. 2021, sec. 2.5).
-    """
-    missing = [network for network in NETWORKS if network not in networks]
-    if missing:
-        raise ValueError(f"hub_to_ldm needs state dicts for {list(NETWORKS)}; missing {missing}")
-    hub = {
-        "unet": dict(networks["unet"]),
-        "vae": dict(networks["vae"]),
-        "clip": {
-            name if name.startswith("text_model.") else f"text_model.{name}": t for name, t in networks["clip"].items()
-        },
-    }
-    clip_names = set(hub["clip"])
-    clip_layout = CLIPLayout(open_clip, len(_numbers(clip_names, r"text_model\.encoder\.layers\.(\d+)\.")))
-    rules = (
-        unet_rules(_unet_layout_from_hub(set(hub["unet"])))
-        + vae_rules(_vae_layout_from_hub(set(hub["vae"])))
-        + clip_rules(clip_layout)
-    )
-    ldm: dict[str, torch.Tensor] = {}
-    consumed: dict[str, set[str]] = {network: set() for network in NETWORKS}
-    for rule in rules:
-        source, used = hub[rule.network], consumed[rule.network]
-        if rule.suffixes is None:
-            pairs = [(name[len(rule.hub) :], name) for name in source if name.startswith(rule.hub) and name not in used]
-            for suffix, name in pairs:
-                ldm[rule.ldm + suffix] = source[name]
-                used.add(name)
-            continue
-        for ldm_suffix, hub_suffix in rule.suffixes.items():
-            if rule.transform == "fused_qkv":
-                parts = [rule.hub + hub_suffix.format(part) for part in "qkv"]
-                if all(part in source for part in parts):
-                    ldm[rule.ldm + ldm_suffix] = torch.cat([source[part] for part in parts])
-                    used.update(parts)
-            elif (name := rule.hub + hub_suffix) in source:
-                tensor = source[name]
-                ldm[rule.ldm + ldm_suffix] = tensor[:, :, None, None] if rule.transform == "conv1x1" else tensor
-                used.add(name)
-    left = [f"{network} {name}" for network in NETWORKS for name in sorted(hub[network].keys() - consumed[network])]
-    if left:
-        raise LDMLayoutError(
-            f"{len(left)} Hub-layout tensors have no place in an LDM checkpoint: {', '.join(left[:10])}"
-        )
-    if open_clip:
-        ldm.update(_unused_open_clip_tensors(hub["clip"], clip_layout.layers))
-    else:
-        positions = hub["clip"]["text_model.embeddings.position_embedding.weight"].shape[0]
-        ldm[f"{CLIP_PREFIX}text_model.embeddings.position_ids"] = torch.arange(positions)[None]
-    return ldm
-
-
-def _unused_open_clip_tensors(clip: Mapping[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
-    embedding = clip["text_model.embeddings.token_embedding.weight"]
-    width, inner = embedding.shape[1], clip["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0]
-    like = {"dtype": embedding.dtype, "device": embedding.device}
-    block = f"{OPEN_CLIP_PREFIX}transformer.resblocks.{layers}."
-    shapes = {
-        "attn.in_proj_weight": (3 * width, width),
-        "attn.in_proj_bias": (3 * width,),
-        "attn.out_proj.weight": (width, width),
-        "attn.out_proj.bias": (width,),
-        "ln_1.bias": (width,),
-        "ln_2.bias": (width,),
-        "mlp.c_fc.weight": (inner, width),
-        "mlp.c_fc.bias": (inner,),
-        "mlp.c_proj.weight": (width, inner),
-        "mlp.c_proj.bias": (width,),
-    }
-    tensors = {block + suffix: torch.zeros(shape, **like) for suffix, shape in shapes.items()}
-    tensors |= {block + "ln_1.weight": torch.ones(width, **like), block + "ln_2.weight": torch.ones(width, **like)}
-    tensors[f"{OPEN_CLIP_PREFIX}text_projection"] = torch.eye(width, **like)
-    tensors[f"{OPEN_CLIP_PREFIX}logit_scale"] = torch.tensor(math.log(1 / 0.07), **like)
-    return tensors
-
-
 # -------------------------------------------------------------------------------------- configs
 def read_sidecar(checkpoint: str | Path) -> dict[str, Any] | None:
     """The config saved next to a checkpoint (same name, ``.yaml``, ``.yml`` or ``.json``), or None.
@@ -522,20 +484,27 @@ def read_sidecar(checkpoint: str | Path) -> dict[str, Any] | None:
 
 def hub_configs(
     state: Mapping[str, torch.Tensor],
+    networks: Mapping[str, Mapping[str, torch.Tensor]],
     *,
     prediction_type: str | None = None,
     original_config: Mapping[str, Any] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Hub ``config.json`` dicts (``"unet"``, ``"vae"``, ``"clip"``, ``"scheduler"``, ``"tokenizer"``)
-    for an LDM single-file state dict (only names and shapes are read: meta tensors do).
+    for a single file: ``state`` is the file's state dict (its names tell the family) and
+    ``networks`` what ``ldm_to_hub`` made of it (its shapes tell the sizes). Only names and shapes
+    are read: meta tensors do.
 
-    Sizes come from the tensor shapes, on top of the SD 1.5, 2.1 or 2.1-base Hub configs. What the
-    shapes cannot tell comes from ``original_config`` (the LDM yaml of the checkpoint, or a sidecar,
-    see ``read_sidecar``) and otherwise from SD's conventions:
+    Sizes come from the tensor shapes, on top of the SD 1.5, 2.1, 2.1-base or SD-Turbo Hub configs.
+    What the shapes cannot tell comes from ``original_config`` (the LDM or sgm yaml of the
+    checkpoint, or a sidecar, see ``read_sidecar``) and otherwise from SD's conventions:
 
     * prediction type: ``prediction_type`` if given; else the config's; else ε for SD 1.x and v for
       SD 2.x, whose 768-px models (2.0, 2.1) predict v. SD 2.x-base and other ε-prediction SD 2.x
-      checkpoints need ``prediction_type="epsilon"`` or a sidecar saying so;
+      checkpoints need ``prediction_type="epsilon"`` or a sidecar saying so. A file in sgm's layout
+      (text encoder under ``conditioner.embedders.0.model``) is taken for SD-Turbo, the one SD 2.x
+      model Stability released in that layout: ε, and SD-Turbo's scheduler config (trailing
+      timestep spacing, so that 1-4 steps start at t = 999). Its tensors are those of SD 2.1 and
+      cannot tell; a v-prediction argument or sidecar makes it a 768-px SD 2.1 instead;
     * UNet heads: the config's ``num_heads`` / ``num_head_channels``; else 8 per level (SD 1.x) or
       one per 64 channels (SD 2.x);
     * text encoder heads: one per 64 channels (both CLIP ViT-L/14 and OpenCLIP ViT-H/14);
@@ -543,13 +512,13 @@ def hub_configs(
     * tokenizer padding: SD 2.x pads with "!" (OpenCLIP's tokenizer pads with id 0), SD 1.x with
       the end-of-text token.
     """
-    networks = ldm_to_hub(state)
-    open_clip = _clip_layout_from_ldm(set(state)).open_clip
+    clip_layout = _clip_layout_from_ldm(set(state))
     ldm_config = original_config or {}
     ldm_params = (ldm_config.get("model") or {}).get("params") or {}
-    prediction = _prediction_type(prediction_type, ldm_config, ldm_params, open_clip=open_clip)
-    family = "sd15" if not open_clip else "sd21" if prediction == "v_prediction" else "sd21-base"
-    unet_params = (ldm_params.get("unet_config") or {}).get("params") or {}
+    prediction = _prediction_type(prediction_type, ldm_config, ldm_params, clip_layout=clip_layout)
+    family = _family(clip_layout, prediction)
+    # LDM's yaml configures the UNet under unet_config, sgm's under network_config.
+    unet_params = (ldm_params.get("unet_config") or ldm_params.get("network_config") or {}).get("params") or {}
 
     scheduler = _base_config(family, "scheduler") | {"prediction_type": prediction}
     for ldm_key, hub_key in (
@@ -562,6 +531,7 @@ def hub_configs(
     vae = _base_config(family, "vae") | _vae_sizes(networks["vae"])
     if "scale_factor" in ldm_params:
         vae["scaling_factor"] = ldm_params["scale_factor"]
+    open_clip = clip_layout.open_clip
     return {
         "unet": _base_config(family, "unet") | _unet_sizes(networks["unet"], unet_params, open_clip=open_clip),
         "vae": vae,
@@ -571,29 +541,53 @@ def hub_configs(
     }
 
 
+def _family(clip_layout: CLIPLayout, prediction: str) -> str:
+    """The Hub configs a single file starts from (folders of ``_CONFIGS``)."""
+    if not clip_layout.open_clip:
+        return "sd15"
+    if prediction == "v_prediction":
+        return "sd21"
+    return "sd-turbo" if clip_layout.prefix == SGM_OPEN_CLIP_PREFIX else "sd21-base"
+
+
 def _prediction_type(
-    prediction_type: str | None, ldm_config: Mapping[str, Any], ldm_params: Mapping[str, Any], *, open_clip: bool
+    prediction_type: str | None,
+    ldm_config: Mapping[str, Any],
+    ldm_params: Mapping[str, Any],
+    *,
+    clip_layout: CLIPLayout,
 ) -> str:
     if prediction_type is None:
         prediction_type = ldm_config.get("prediction_type")
     if prediction_type is None and "parameterization" in ldm_params:
         parameterization = ldm_params["parameterization"]
-        if parameterization not in _LDM_PARAMETERIZATIONS:
-            raise LDMLayoutError(
-                f"LDM parameterization {parameterization!r} is not supported; valid: {sorted(_LDM_PARAMETERIZATIONS)}"
-            )
-        prediction_type = _LDM_PARAMETERIZATIONS[parameterization]
+        prediction_type = _prediction_named("LDM parameterization", parameterization, _LDM_PARAMETERIZATIONS)
+    scaling = ((ldm_params.get("denoiser_config") or {}).get("params") or {}).get("scaling_config") or {}
+    if prediction_type is None and "target" in scaling:
+        scaling_class = str(scaling["target"]).rsplit(".", 1)[-1]  # sgm.modules.[...].EpsScaling
+        prediction_type = _prediction_named("sgm denoiser scaling", scaling_class, _SGM_SCALINGS)
     if prediction_type is None:
-        prediction_type = "v_prediction" if open_clip else "epsilon"
-        logger.info("assuming %s prediction (SD %s default)", prediction_type, "2.x" if open_clip else "1.x")
+        # SD 2.0 / 2.1 (768 px) predict v; SD 1.x and SD-Turbo (sgm's layout) predict ε.
+        prediction_type = "v_prediction" if clip_layout.prefix == OPEN_CLIP_PREFIX else "epsilon"
+        logger.info("assuming %s prediction (text encoder under %s*)", prediction_type, clip_layout.prefix)
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"unknown prediction_type {prediction_type!r}; valid: {', '.join(PREDICTION_TYPES)}")
     return prediction_type
 
 
+def _prediction_named(what: str, name: Any, prediction_types: Mapping[str, str]) -> str:
+    """The prediction type a config's own word for it names."""
+    if name not in prediction_types:
+        raise LDMLayoutError(f"{what} {name!r} is not supported; valid: {sorted(prediction_types)}")
+    return prediction_types[name]
+
+
 def _base_config(family: str, component: str) -> dict[str, Any]:
-    file = "scheduler_config.json" if component == "scheduler" else "config.json"
-    return json.loads((_CONFIGS / family / component / file).read_text(encoding="utf-8"))
+    if component == "scheduler":
+        path = _CONFIGS / family / "scheduler" / "scheduler_config.json"
+    else:
+        path = _CONFIGS / _NETWORK_CONFIGS.get(family, family) / component / "config.json"
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def _unet_sizes(unet: Mapping[str, torch.Tensor], unet_params: Mapping[str, Any], *, open_clip: bool) -> dict[str, Any]:

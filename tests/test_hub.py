@@ -26,7 +26,7 @@ from conftest import HUB_LAYOUTS, build_tiny_reference_pipeline
 from huggingface_hub import constants as hub_constants
 from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 from safetensors.torch import load_file, save_file
-from test_single_file import SCHEDULE_BUFFERS, TINY_SD2_SIDECAR, tiny_ldm_state
+from test_single_file import SCHEDULE_BUFFERS, SDXL_BASE, TINY_SD2_SIDECAR, TINY_SD_TURBO_SIDECAR, tiny_ldm_state
 from torch import nn
 from transformers import CLIPTokenizer
 
@@ -297,27 +297,33 @@ def test_hub_refusals_give_the_hubs_reason(monkeypatch: pytest.MonkeyPatch, erro
 # ------------------------------------------------------------------------------ (c) single files
 def write_single_file(folder: Path, kind: str, *, suffix: str = ".safetensors") -> tuple[dict[str, nn.Module], Path]:
     """A tiny LDM checkpoint with what released files also carry: the schedule buffers and EMA
-    bookkeeping (one float and one int32 scalar)."""
+    bookkeeping (one float and one int32 scalar); SD-Turbo's (sgm's layout) carries its σ's."""
     networks, ldm = tiny_ldm_state(kind)
-    ldm |= {name: torch.rand(1000, dtype=torch.float32) for name in SCHEDULE_BUFFERS}
-    ldm |= {"model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(1234, dtype=torch.int32)}
+    if kind == "sd-turbo":
+        ldm["denoiser.sigmas"] = torch.rand(1000, dtype=torch.float32)
+    else:
+        ldm |= {name: torch.rand(1000, dtype=torch.float32) for name in SCHEDULE_BUFFERS}
+        ldm |= {"model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(1234, dtype=torch.int32)}
     path = folder / f"tiny-{kind}{suffix}"
     if suffix == ".safetensors":
         save_file({name: t.contiguous() for name, t in ldm.items()}, path)
     else:
         torch.save({"state_dict": ldm, "global_step": 1234}, path)
-    if kind == "sd2":
-        path.with_suffix(".yaml").write_text(yaml.safe_dump(TINY_SD2_SIDECAR))
+    sidecar = {"sd2": TINY_SD2_SIDECAR, "sd-turbo": TINY_SD_TURBO_SIDECAR}.get(kind)
+    if sidecar is not None:
+        path.with_suffix(".yaml").write_text(yaml.safe_dump(sidecar))
     return networks, path
 
 
-@pytest.mark.parametrize("kind", ["sd1", "sd2"])
+@pytest.mark.parametrize("kind", ["sd1", "sd2", "sd-turbo"])
 def test_load_single_file(tmp_path: Path, kind: str) -> None:
     networks, path = write_single_file(tmp_path, kind)
     pipe = load(path, device="cpu", dtype=torch.float32)
     assert_networks_match(pipe, networks["unet"], networks["vae"], networks["clip"], vocab_size=1000)
-    assert pipe.scheduler.prediction_type == {"sd1": "epsilon", "sd2": "v_prediction"}[kind]  # SD 2.x: the sidecar
-    repo = {"sd1": "stable-diffusion-v1-5", "sd2": "stable-diffusion-2-1"}[kind]
+    # SD 2.x: v from the sidecar; SD-Turbo: its own scheduler config (ε, trailing spacing).
+    assert pipe.scheduler.prediction_type == ("v_prediction" if kind == "sd2" else "epsilon")
+    assert pipe.scheduler.timestep_spacing == ("trailing" if kind == "sd-turbo" else "leading")
+    repo = {"sd1": "stable-diffusion-v1-5", "sd2": "stable-diffusion-2-1", "sd-turbo": "stable-diffusion-2-1"}[kind]
     expected = CLIPTokenizer.from_pretrained(HUB_LAYOUTS / repo / "tokenizer")
     prompt = "a corgi, !!"
     assert pipe.tokenizer(prompt, padding="max_length").input_ids == expected(prompt, padding="max_length").input_ids
@@ -385,6 +391,13 @@ def test_safetensors_of_something_else(tmp_path: Path) -> None:
     path = tmp_path / "other.safetensors"
     save_file({"encoder.weight": torch.zeros(3, 3), "head.bias": torch.zeros(3)}, path)
     with pytest.raises(ModelLoadError, match=r"not a Stable Diffusion 1\.x/2\.x checkpoint .* no tensors of the UNet"):
+        load(path, device="cpu", dtype=torch.float32)
+
+
+def test_sdxl_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "sd_xl_base_1.0.safetensors"
+    save_file({name: torch.zeros(shape) for name, shape in SDXL_BASE.items()}, path)
+    with pytest.raises(ModelLoadError, match=r"SDXL checkpoint \(two text encoders.*SDXL is not supported"):
         load(path, device="cpu", dtype=torch.float32)
 
 

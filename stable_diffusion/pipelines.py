@@ -34,6 +34,7 @@ from . import denoisers, samplers, schedules
 from .clip import CLIPTextModel
 from .images import to_rgb
 from .schedules import SchedulerConfig
+from .taesd import TinyAutoencoder
 from .unet import UNet
 from .vae import AutoencoderKL
 
@@ -91,6 +92,7 @@ class StableDiffusion:
     tokenizer: object  # transformers.CLIPTokenizer
     scheduler: SchedulerConfig
     name: str = "unnamed"
+    tiny_vae: TinyAutoencoder | None = None  # TAESD (taesd.py): a fast decoder for previews, if loaded
     max_pixels: int = 1024 * 1024
     max_images: int = 8
     _latent_rgb: torch.Tensor | None = field(default=None, repr=False)

@@ -5,19 +5,21 @@
 are plain modules meant to be read.
 """
 
-from .hub import DEFAULT_MODEL, ModelLoadError, load, save
+from .hub import DEFAULT_MODEL, DEFAULT_TINY_VAE, ModelLoadError, load, load_tiny_vae, save
 from .images import save_png
 from .pipelines import Generation, GenerationCancelled, StableDiffusion
 from .samplers import SAMPLER_NAMES
 
 __all__ = [
     "DEFAULT_MODEL",
+    "DEFAULT_TINY_VAE",
     "Generation",
     "GenerationCancelled",
     "ModelLoadError",
     "SAMPLER_NAMES",
     "StableDiffusion",
     "load",
+    "load_tiny_vae",
     "save",
     "save_png",
 ]

@@ -10,6 +10,10 @@
 * a local folder in that layout (what ``save`` and diffusers' ``save_pretrained`` write);
 * a single ``.safetensors`` checkpoint in the original LDM layout (see ``single_file.py``).
 
+``load(..., tiny_vae=...)`` and ``load_tiny_vae`` add the tiny autoencoder TAESD (``taesd.py``)
+from a Hub repo id or folder in diffusers' ``AutoencoderTiny`` layout (``madebyollin/taesd``), a
+folder of the original ``taesd_encoder`` / ``taesd_decoder`` files, or a single weights file.
+
 The networks are built on the meta device and filled by ``weights.load_into``. Safetensors files
 are memory-mapped, so a load that keeps the file's dtype on the CPU copies nothing, and any other
 load converts each tensor once. Pickled weights (``.bin``, ``.ckpt``) can run code when
@@ -52,15 +56,17 @@ from . import devices, single_file
 from .clip import CLIPTextConfig, CLIPTextModel
 from .pipelines import StableDiffusion
 from .schedules import PREDICTION_TYPES, SchedulerConfig
+from .taesd import TAESDConfig, TinyAutoencoder
 from .unet import UNet, UNetConfig
 from .vae import AutoencoderKL, VAEConfig
-from .weights import build_on_meta, hub_to_ours, load_into, ours_to_hub
+from .weights import build_on_meta, hub_to_ours, load_into, ours_to_hub, taesd_original_to_hub
 
-__all__ = ["DEFAULT_MODEL", "ModelLoadError", "load", "save"]
+__all__ = ["DEFAULT_MODEL", "DEFAULT_TINY_VAE", "ModelLoadError", "load", "load_tiny_vae", "save"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+DEFAULT_TINY_VAE = "madebyollin/taesd"  # the TAESD of SD 1.x and 2.x
 BUNDLED_TOKENIZER = Path(__file__).parent / "assets" / "tokenizer"  # SD 1.5's CLIP tokenizer files
 
 # network -> (sub-folder, weight file stem, pickled weight file stem, network class, config class)
@@ -68,6 +74,11 @@ _COMPONENTS: dict[str, tuple[str, str, str, type[nn.Module], Any]] = {
     "unet": ("unet", "diffusion_pytorch_model", "diffusion_pytorch_model", UNet, UNetConfig),
     "vae": ("vae", "diffusion_pytorch_model", "diffusion_pytorch_model", AutoencoderKL, VAEConfig),
     "clip": ("text_encoder", "model", "pytorch_model", CLIPTextModel, CLIPTextConfig),
+}
+# network -> (network class, config class) of every network _build makes
+_NETWORK_CLASSES: dict[str, tuple[type[nn.Module], Any]] = {
+    **{network: (network_class, config_class) for network, (*_, network_class, config_class) in _COMPONENTS.items()},
+    "taesd": (TinyAutoencoder, TAESDConfig),
 }
 _HUB_CLASSES = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL", "clip": "CLIPTextModel"}
 _SMALL_FILES = ["model_index.json", "*/config.json", "scheduler/scheduler_config.json", "tokenizer/*"]
@@ -91,6 +102,7 @@ def load(
     allow_pickle: bool = False,
     revision: str | None = None,
     token: str | bool | None = None,
+    tiny_vae: str | os.PathLike | None = None,
 ) -> StableDiffusion:
     """Load a Stable Diffusion 1.x / 2.x model from a Hub repo id, a local folder or a single file.
 
@@ -104,32 +116,49 @@ def load(
         the repo has it, else the full-precision files.
     allow_pickle: accept pickled weights (.bin / .ckpt), read with ``torch.load(weights_only=True)``.
     revision, token: the Hub revision (branch, tag or commit) and access token (default: HF_TOKEN).
+    tiny_vae: also load the tiny autoencoder TAESD from this source (see ``load_tiny_vae``; e.g.
+        ``DEFAULT_TINY_VAE``) into ``pipe.tiny_vae``, for fast decoding and live previews.
 
     Raises ModelLoadError for anything the user can fix (network, missing files, wrong files).
     """
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"unknown prediction_type {prediction_type!r}; valid: {', '.join(PREDICTION_TYPES)}")
-    device = torch.device(device) if device is not None else devices.default_device()
-    dtype = dtype if dtype is not None else devices.default_dtype(device)
-    if not dtype.is_floating_point:
-        raise ValueError(f"dtype must be a floating-point type such as torch.float32, got {dtype}")
+    device, dtype = _device_and_dtype(device, dtype)
+    # The tiny autoencoder first: a mistake in its source should not cost the model's download.
+    tiny = None if tiny_vae is None else load_tiny_vae(tiny_vae, device, dtype, token=token)
     options = {"device": device, "dtype": dtype, "prediction_type": prediction_type, "tokenizer": tokenizer}
     name = os.fspath(source)
     path = Path(name).expanduser()
     if path.is_file():
-        return _shown_as(_load_single_file(path, name=name, allow_pickle=allow_pickle, **options), path.stem)
-    if path.is_dir():
+        pipe = _shown_as(_load_single_file(path, name=name, allow_pickle=allow_pickle, **options), path.stem)
+    elif path.is_dir():
         pipe = _load_folder(path, name=name, variant=variant, allow_pickle=allow_pickle, **options)
-        return _shown_as(pipe, path.resolve().name)
-    if _looks_like_path(name):
+        pipe = _shown_as(pipe, path.resolve().name)
+    elif _looks_like_path(name):
         raise ModelLoadError(
             f"There is no file or folder at {path.resolve()}. Pass an existing diffusers folder or a single "
             f".safetensors checkpoint, or a Hub repo id such as {DEFAULT_MODEL!r} (a single file on the Hub "
             "must be downloaded first, e.g. with `hf download ORG/NAME FILE.safetensors`)."
         )
-    folder = _download(name, revision=revision, token=token, dtype=dtype, variant=variant, allow_pickle=allow_pickle)
-    label = name if revision is None else f"{name}@{revision}"
-    return _load_folder(folder, name=label, variant=variant, allow_pickle=allow_pickle, token=token, **options)
+    else:
+        folder = _download(
+            name, revision=revision, token=token, dtype=dtype, variant=variant, allow_pickle=allow_pickle
+        )
+        label = name if revision is None else f"{name}@{revision}"
+        pipe = _load_folder(folder, name=label, variant=variant, allow_pickle=allow_pickle, token=token, **options)
+    if tiny is not None:
+        _check_tiny_vae_fits(tiny, pipe.vae, source=os.fspath(tiny_vae), model=pipe.name)
+        pipe.tiny_vae = tiny
+    return pipe
+
+
+def _device_and_dtype(device: torch.device | str | None, dtype: torch.dtype | None) -> tuple[torch.device, torch.dtype]:
+    """The asked device and dtype, or the best ones present (see ``devices``)."""
+    device = torch.device(device) if device is not None else devices.default_device()
+    dtype = dtype if dtype is not None else devices.default_dtype(device)
+    if not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point type such as torch.float32, got {dtype}")
+    return device, dtype
 
 
 def _shown_as(pipe: StableDiffusion, name: str) -> StableDiffusion:
@@ -254,7 +283,7 @@ def _build(
     device: torch.device,
     source: str,
 ) -> nn.Module:
-    _, _, _, network_class, config_class = _COMPONENTS[network]
+    network_class, config_class = _NETWORK_CLASSES[network]
     try:
         network_config = config_class.from_hub_config(dict(config))
     except (ValueError, KeyError, TypeError) as error:
@@ -414,6 +443,93 @@ def _load_tokenizer(
         ) from error
 
 
+# ------------------------------------------------------------------------------ tiny autoencoder
+_TINY_VAE_FILES = ("config.json", "diffusion_pytorch_model.safetensors")  # diffusers' AutoencoderTiny layout
+_TINY_VAE_ORIGINAL_FILES = {"encoder": "taesd_encoder.safetensors", "decoder": "taesd_decoder.safetensors"}
+_TINY_VAE_LAYOUTS = (
+    "config.json and diffusion_pytorch_model.safetensors (diffusers' AutoencoderTiny layout, as in "
+    f"{DEFAULT_TINY_VAE!r}), or taesd_encoder.safetensors and taesd_decoder.safetensors (the original TAESD files)"
+)
+
+
+def load_tiny_vae(
+    source: str | os.PathLike = DEFAULT_TINY_VAE,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    *,
+    revision: str | None = None,
+    token: str | bool | None = None,
+) -> TinyAutoencoder:
+    """Load the tiny autoencoder TAESD (``taesd.py``) from a Hub repo id, a folder or a single file.
+
+    source: a Hub repo id in diffusers' AutoencoderTiny layout (``madebyollin/taesd``: config.json
+        and diffusion_pytorch_model.safetensors, fetched like ``load``'s models, offline cache
+        included); a local folder in that layout; a folder holding the original
+        taesd_encoder.safetensors and taesd_decoder.safetensors; or one ``.safetensors`` file of
+        weights in diffusers' layout (read with the SD TAESD config, ``TAESDConfig.sd()``).
+    device, dtype, revision, token: as for ``load``.
+
+    Raises ModelLoadError for anything the user can fix.
+    """
+    device, dtype = _device_and_dtype(device, dtype)
+    name = os.fspath(source)
+    path = Path(name).expanduser()
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise ModelLoadError(
+                f"{path} is not a tiny autoencoder file this package reads: pass a .safetensors file of "
+                f"AutoencoderTiny weights, or a folder holding {_TINY_VAE_LAYOUTS}."
+            )
+        state = _read_safetensors(path)
+        return _build("taesd", TAESDConfig.sd().to_hub_config(), state, dtype=dtype, device=device, source=name)
+    if path.is_dir():
+        return _tiny_vae_from_folder(path, name=name, device=device, dtype=dtype)
+    if _looks_like_path(name):
+        raise ModelLoadError(
+            f"There is no file or folder at {path.resolve()}. Pass a tiny autoencoder folder or .safetensors "
+            f"file, or a Hub repo id such as {DEFAULT_TINY_VAE!r}."
+        )
+    folder = _snapshot(name, revision=revision, token=token, allow_patterns=list(_TINY_VAE_FILES))
+    _refuse_missing_files(
+        name,
+        revision,
+        [file for file in _TINY_VAE_FILES if not (folder / file).is_file()],
+        wanted=f"a tiny autoencoder in diffusers' AutoencoderTiny layout (SD 1.x/2.x's is {DEFAULT_TINY_VAE!r})",
+    )
+    return _tiny_vae_from_folder(folder, name=name, device=device, dtype=dtype)
+
+
+def _tiny_vae_from_folder(folder: Path, *, name: str, device: torch.device, dtype: torch.dtype) -> TinyAutoencoder:
+    if all((folder / file).is_file() for file in _TINY_VAE_FILES):
+        config = _read_json(folder / "config.json", name=name)
+        state = _read_safetensors(folder / "diffusion_pytorch_model.safetensors")
+    elif all((folder / file).is_file() for file in _TINY_VAE_ORIGINAL_FILES.values()):
+        config = TAESDConfig.sd().to_hub_config()  # the original files are SD's TAESD
+        halves = {half: _read_safetensors(folder / file) for half, file in _TINY_VAE_ORIGINAL_FILES.items()}
+        try:
+            state = taesd_original_to_hub(halves)
+        except ValueError as error:
+            raise ModelLoadError(f"The TAESD files in {folder} are not the original TAESD's: {error}") from error
+    else:
+        present = sorted(path.name for path in folder.iterdir() if path.is_file())
+        raise ModelLoadError(
+            f"{name} holds no tiny autoencoder: it needs {_TINY_VAE_LAYOUTS}; it has "
+            f"{', '.join(present) or 'no files'}."
+        )
+    return _build("taesd", config, state, dtype=dtype, device=device, source=name)
+
+
+def _check_tiny_vae_fits(tiny: TinyAutoencoder, vae: AutoencoderKL, *, source: str, model: str) -> None:
+    """The tiny autoencoder must speak the model's latent space: same channels, same downsampling."""
+    ours = (tiny.config.latent_channels, tiny.config.downsampling_factor)
+    theirs = (vae.config.latent_channels, vae.config.downsampling_factor)
+    if ours != theirs:
+        raise ModelLoadError(
+            f"The tiny autoencoder {source} does not fit {model}: it makes {ours[0]} latent channels at 1/{ours[1]} "
+            f"of the image side, the model's VAE {theirs[0]} at 1/{theirs[1]}. For SD 1.x/2.x use {DEFAULT_TINY_VAE!r}."
+        )
+
+
 # ------------------------------------------------------------------------------------------ Hub
 def _download(
     repo_id: str,
@@ -441,15 +557,17 @@ def _download(
             missing.append(_missing_weights(available, network, variant=variant, allow_pickle=allow_pickle))
         else:
             chosen += [file, _shard_pattern(file)] if file.endswith(".json") else [file]
+    _refuse_missing_files(repo_id, revision, missing, wanted="a Stable Diffusion model in the diffusers layout")
+    _snapshot(repo_id, revision=revision, token=token, allow_patterns=chosen)
+    return folder
+
+
+def _refuse_missing_files(repo_id: str, revision: str | None, missing: list[str], *, wanted: str) -> None:
+    """Files a Hub repo lacks: offline they may just not be cached yet; online the repo is not ``wanted``."""
     if missing and hub_constants.HF_HUB_OFFLINE:
         raise _not_cached(repo_id, revision, missing=missing)
     if missing:
-        raise ModelLoadError(
-            f"The Hub repo {repo_id!r} is not a Stable Diffusion model in the diffusers layout: missing "
-            f"{'; '.join(missing)}."
-        )
-    _snapshot(repo_id, revision=revision, token=token, allow_patterns=chosen)
-    return folder
+        raise ModelLoadError(f"The Hub repo {repo_id!r} is not {wanted}: missing {'; '.join(missing)}.")
 
 
 def _shard_pattern(index_file: str) -> str:

@@ -32,7 +32,6 @@ from typing import Any, Protocol
 
 import torch
 from PIL import Image
-from torch import nn
 
 from . import denoisers, prompts, samplers, schedules
 from .clip import CLIPTextModel
@@ -41,6 +40,7 @@ from .previews import CHEAP_DECODE_PARAMETERS, LatentRGB
 from .request import GenerationRequest, InvalidSetting
 from .samplers import SamplingPlan, StepCallback
 from .schedules import SchedulerConfig
+from .taesd import TinyAutoencoder
 from .unet import UNet
 from .vae import AutoencoderKL
 
@@ -129,9 +129,9 @@ class StableDiffusion:
     tokenizer: Any  # transformers.CLIPTokenizer
     scheduler: SchedulerConfig
     name: str = "unnamed"
+    tiny_vae: TinyAutoencoder | None = None  # TAESD (taesd.py): a fast decoder, for previews and decoder="tiny"
     max_pixels: int = 1024 * 1024
     max_images: int = 8
-    tiny_vae: nn.Module | None = None
     # Fitted once here, read-only afterwards: safe to share between threads.
     _latent_rgb: LatentRGB | None = field(default=None, init=False, repr=False)
 

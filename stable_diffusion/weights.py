@@ -6,7 +6,8 @@ that carry no weights. The loader checks a state dict against a model and report
 unexpected and mis-shaped tensor at once, then assigns the tensors in place (no copy when dtype and
 device already match), which also fills a model built on the meta device.
 
-The LDM single-file layout is mapped to this Hub layout elsewhere (``single_file.py``).
+The LDM single-file layout is mapped to this Hub layout elsewhere (``single_file.py``); the
+original TAESD files, whose only difference is an index shift, here (``taesd_original_to_hub``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ __all__ = [
     "hub_to_ours",
     "load_into",
     "ours_to_hub",
+    "taesd_original_to_hub",
 ]
 
 logger = logging.getLogger(__name__)
@@ -95,7 +97,15 @@ WEIGHT_MAPS: dict[str, WeightMap] = {
             (f"{_VAE_ATTENTION}.proj_attn", f"{_VAE_ATTENTION}.attn.to_out"),
         ),
     ),
+    # The tiny autoencoder keeps diffusers' AutoencoderTiny names (encoder.layers.N, decoder.layers.N).
+    "taesd": WeightMap(),
 }
+
+# The original TAESD release (madebyollin/taesd's taesd_encoder / taesd_decoder .safetensors) saves
+# each half as one bare nn.Sequential, named "<index>.<leaf>". The encoder's indices are diffusers';
+# the decoder's Sequential opens with the parameterless soft clamp, which diffusers (and taesd.py)
+# apply in forward, so its layer i + 1 is diffusers' decoder.layers.i.
+_TAESD_ORIGINAL_INDEX_SHIFT = {"encoder": 0, "decoder": 1}
 
 
 class WeightsMismatchError(ValueError):
@@ -146,7 +156,7 @@ def _replace_fragment(name: str, old: str, new: str) -> str:
 
 
 def hub_to_ours(network: str, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Renames a Hub-layout state dict of ``network`` ("clip", "unet", "vae") to our names; tensors are not copied."""
+    """Renames a Hub-layout state dict of ``network`` (a WEIGHT_MAPS key) to our names; tensors are not copied."""
     weight_map = _weight_map(network)
     ours: dict[str, torch.Tensor] = {}
     skipped = []
@@ -173,6 +183,22 @@ def ours_to_hub(network: str, state: Mapping[str, torch.Tensor]) -> dict[str, to
         for old, new in reversed(weight_map.renames):
             name = _replace_fragment(name, new, old)
         hub[weight_map.hub_prefix + name] = tensor
+    return hub
+
+
+def taesd_original_to_hub(halves: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The original TAESD files' tensors, ``{"encoder": ..., "decoder": ...}``, under diffusers' names.
+
+    Raises ValueError for a name that is not "<index>.<leaf>" (not an original TAESD file).
+    """
+    hub: dict[str, torch.Tensor] = {}
+    for half, state in halves.items():
+        shift = _TAESD_ORIGINAL_INDEX_SHIFT[half]
+        for name, tensor in state.items():
+            index, _, leaf = name.partition(".")
+            if not index.isdigit() or not leaf:
+                raise ValueError(f"{name!r} is not a tensor of the original TAESD {half} (expected '<index>.<name>')")
+            hub[f"{half}.layers.{int(index) - shift}.{leaf}"] = tensor
     return hub
 
 

@@ -132,7 +132,7 @@ def test_hub_to_ours_does_not_copy(reference_vae) -> None:
 
 def test_unknown_network_names_the_valid_ones() -> None:
     for convert in (weights.hub_to_ours, weights.ours_to_hub):
-        with pytest.raises(ValueError, match=r"\['clip', 'unet', 'vae'\]"):
+        with pytest.raises(ValueError, match=r"\['clip', 'taesd', 'unet', 'vae'\]"):
             convert("text_encoder", {})
 
 

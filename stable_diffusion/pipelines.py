@@ -37,7 +37,7 @@ from . import denoisers, prompts, samplers, schedules
 from .clip import CLIPTextModel
 from .images import checked_image, native_area_size, pil_to_tensor, tensor_to_pil
 from .previews import CHEAP_DECODE_PARAMETERS, LatentRGB
-from .request import GenerationRequest, InvalidSetting
+from .request import SAMPLER_LABELS, GenerationRequest, InvalidSetting
 from .samplers import SamplingPlan, StepCallback
 from .schedules import SchedulerConfig
 from .taesd import TinyAutoencoder
@@ -50,16 +50,6 @@ logger = logging.getLogger(__name__)
 # windows at most (600 tokens): beyond it a prompt is almost surely a paste accident.
 MAX_PROMPT_WINDOWS = 8
 
-SAMPLER_LABELS = {
-    "ddpm": "DDPM",
-    "ddim": "DDIM",
-    "euler": "Euler",
-    "euler_a": "Euler a",
-    "euler_karras": "Euler Karras",
-    "dpmpp_2m": "DPM++ 2M",
-    "dpmpp_2m_karras": "DPM++ 2M Karras",
-}
-"""Our sampler names as the popular web UIs label them in the PNG ``parameters`` text."""
 
 
 class CancelToken(Protocol):

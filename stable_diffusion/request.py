@@ -10,12 +10,33 @@ number of text-encoder layers, the sampler and steps, which ``samplers.plan_samp
 from __future__ import annotations
 
 import numbers
+import re
 from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["DECODERS", "MAX_GUIDANCE_SCALE", "MAX_SEED", "GenerationRequest", "InvalidSetting"]
+__all__ = [
+    "DECODERS",
+    "MAX_GUIDANCE_SCALE",
+    "MAX_SEED",
+    "SAMPLER_LABELS",
+    "GenerationRequest",
+    "InvalidSetting",
+    "parse_parameters_text",
+    "settings_from_parameters",
+]
 
 MAX_SEED = 2**63 - 1
 MAX_GUIDANCE_SCALE = 30.0
+SAMPLER_LABELS = {
+    "ddpm": "DDPM",
+    "ddim": "DDIM",
+    "euler": "Euler",
+    "euler_a": "Euler a",
+    "euler_karras": "Euler Karras",
+    "dpmpp_2m": "DPM++ 2M",
+    "dpmpp_2m_karras": "DPM++ 2M Karras",
+}
+"""Our sampler names as the popular web UIs label them in the PNG ``parameters`` text."""
 DECODERS = ("full", "tiny")
 """``full``: the model's VAE decoder; ``tiny``: the tiny autoencoder (TAESD), ~18x cheaper."""
 
@@ -137,3 +158,55 @@ def _check_side(label: str, value: int | None) -> None:
         raise InvalidSetting(label, f"must be a whole number of pixels of at least 8, got {value!r}.")
     if value % 8:
         raise InvalidSetting(label, f"must be a multiple of 8, got {value}: try {max(8, value // 8 * 8)} or {value // 8 * 8 + 8}.")
+
+
+# One "Key: value" field of the settings line; a value in quotes may hold commas (A1111's format).
+_FIELD = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+_NEGATIVE = "Negative prompt:"
+
+
+def parse_parameters_text(text: str) -> dict[str, str]:
+    """The fields of a PNG ``parameters`` text, ours or the web UIs': ``Prompt``, ``Negative prompt``,
+    and each ``Key: value`` of the last line (``Steps``, ``Sampler``, ``Size``, ...), as strings.
+
+    The format: the prompt (any number of lines), then optionally the negative prompt after
+    "Negative prompt:", then one line of comma-separated fields. Text without such a last line is
+    all prompt.
+    """
+    lines = text.strip("\n").split("\n") if text.strip() else []
+    fields: dict[str, str] = {}
+    if lines and len(_FIELD.findall(lines[-1])) >= 3:
+        for key, value in _FIELD.findall(lines.pop()):
+            fields[key.strip()] = value[1:-1].replace('\\"', '"') if value.startswith('"') else value.strip()
+    prompt, negative, in_negative = [], [], False
+    for line in lines:
+        if line.startswith(_NEGATIVE):
+            in_negative, line = True, line[len(_NEGATIVE):].strip()
+        (negative if in_negative else prompt).append(line)
+    return {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative), **fields}
+
+
+def settings_from_parameters(fields: dict[str, str]) -> dict[str, Any]:
+    """The request settings that parsed parameters give (see ``parse_parameters_text``).
+
+    Only what this package can reproduce: prompt, negative prompt, steps, sampler, guidance, seed,
+    size, CLIP skip and strength; unknown samplers and malformed numbers are left out.
+    """
+    settings: dict[str, Any] = {"prompt": fields.get("Prompt", ""), "negative_prompt": fields.get("Negative prompt", "")}
+    numbers_ = {"Steps": ("steps", int), "CFG scale": ("guidance_scale", float), "Seed": ("seed", int),
+                "Clip skip": ("clip_skip", int), "Denoising strength": ("strength", float)}
+    for key, (setting, kind) in numbers_.items():
+        try:
+            settings[setting] = kind(fields[key])
+        except (KeyError, ValueError):
+            pass
+    width, _, height = fields.get("Size", "").partition("x")
+    if width.isdigit() and height.isdigit():
+        settings["width"], settings["height"] = int(width), int(height)
+    label = fields.get("Sampler", "")
+    if fields.get("Schedule type", "").lower() == "karras" and not label.endswith("Karras"):
+        label += " Karras"  # newer web UIs write the schedule apart: "Sampler: DPM++ 2M, Schedule type: Karras"
+    names = {shown.lower(): name for name, shown in SAMPLER_LABELS.items()}
+    if label.lower() in names:
+        settings["sampler"] = names[label.lower()]
+    return settings

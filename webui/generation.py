@@ -21,8 +21,8 @@ import torch
 from PIL import Image
 
 from stable_diffusion.images import grid, save_png
-from stable_diffusion.pipelines import SAMPLER_LABELS, Generation, GenerationCancelled, StableDiffusion
-from stable_diffusion.request import GenerationRequest
+from stable_diffusion.pipelines import Generation, GenerationCancelled, StableDiffusion
+from stable_diffusion.request import SAMPLER_LABELS, GenerationRequest
 from stable_diffusion.samplers import SAMPLER_NAMES
 
 from .errors import user_error

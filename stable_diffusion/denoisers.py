@@ -16,16 +16,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .schedules import PREDICTION_TYPES, sigma_to_timestep
+from .schedules import check_prediction_type, sigma_to_timestep
 
 __all__ = ["Denoiser", "GuidedDenoiser", "guided", "predict_eps", "predict_x0", "rescale_guidance"]
 
 Model = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def _check_prediction_type(prediction_type: str) -> None:
-    if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"Unknown prediction type {prediction_type!r}: choose one of {', '.join(PREDICTION_TYPES)}.")
 
 
 def predict_x0(
@@ -40,7 +35,7 @@ def predict_x0(
     ε: x̂0 = (x_t - √(1-ᾱ_t)·ε̂)/√ᾱ_t (Ho et al. 2020, eq. 4 solved for x_0).
     v: x̂0 = √ᾱ_t·x_t - √(1-ᾱ_t)·v̂ (Salimans & Ho 2022, §4).
     """
-    _check_prediction_type(prediction_type)
+    check_prediction_type(prediction_type)
     if prediction_type == "epsilon":
         return (x_t - (1 - alpha_cumprod) ** 0.5 * model_output) / alpha_cumprod**0.5
     return alpha_cumprod**0.5 * x_t - (1 - alpha_cumprod) ** 0.5 * model_output
@@ -57,7 +52,7 @@ def predict_eps(
 
     ε: the output itself. v: ε̂ = √ᾱ_t·v̂ + √(1-ᾱ_t)·x_t (Salimans & Ho 2022, §4).
     """
-    _check_prediction_type(prediction_type)
+    check_prediction_type(prediction_type)
     if prediction_type == "epsilon":
         return model_output
     return alpha_cumprod**0.5 * model_output + (1 - alpha_cumprod) ** 0.5 * x_t
@@ -73,7 +68,7 @@ class Denoiser:
     """
 
     def __init__(self, model: Model, alphas_cumprod: torch.Tensor, prediction_type: str) -> None:
-        _check_prediction_type(prediction_type)
+        check_prediction_type(prediction_type)
         if not bool((alphas_cumprod > 0).all()):
             raise ValueError(
                 "alphas_cumprod must be positive: use schedules.alphas_cumprod_from_config, "
@@ -138,7 +133,7 @@ class GuidedDenoiser:
     rescale: float = field(default=0.0, kw_only=True)
 
     def __call__(self, x: torch.Tensor, sigma: float, *, round_timestep: bool = False) -> torch.Tensor:
-        if self.scale == 1:
+        if self.scale <= 1:
             return self.denoiser(x, sigma, self.cond, round_timestep=round_timestep)
         # Both halves in one batched call, unconditional first (diffusers' order).
         output = self.denoiser.model_output(
@@ -163,9 +158,11 @@ def guided(
     whose w is this w - 1).
 
     Applied to the network's output (ε or v) before x̂0 is formed, with guidance rescale φ =
-    ``rescale`` (Lin et al. 2023, §3.4). With w = 1 the formula is the conditional prediction, so
-    only the conditional half is computed. ``cond`` and ``uncond`` are ``[B, L, D]`` for latents
-    ``[B, ...]``.
+    ``rescale`` (Lin et al. 2023, §3.4). With w ≤ 1 there is no guidance: only the conditional
+    prediction is computed, one network call per step, as diffusers' pipelines do
+    (``do_classifier_free_guidance = guidance_scale > 1``). So w = 0, the setting of few-step
+    models like SD-Turbo, follows the prompt rather than ignoring it. ``cond`` and ``uncond`` are
+    ``[B, L, D]`` for latents ``[B, ...]``.
     """
     if cond.shape != uncond.shape:
         raise ValueError(

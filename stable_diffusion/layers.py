@@ -1,7 +1,7 @@
 """Building blocks shared by the text encoder, the UNet and the VAE.
 
 One implementation of each: multi-head attention, the residual block, the 2× down/up samplers and the
-sinusoidal timestep embedding. Module and parameter names follow the Hub checkpoints (``to_q``,
+sinusoidal timestep (and guidance) embedding. Module and parameter names follow the Hub checkpoints (``to_q``,
 ``time_emb_proj``, ``conv_shortcut``, ...) so the weight map stays a short list of renames.
 """
 
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Attention", "Downsample", "ResBlock", "Upsample", "timestep_embedding"]
+__all__ = ["Attention", "Downsample", "ResBlock", "Upsample", "guidance_scale_embedding", "timestep_embedding"]
 
 
 class Attention(nn.Module):
@@ -147,9 +147,32 @@ def timestep_embedding(
         raise ValueError(f"timesteps must be a 1-D tensor [N], got shape {tuple(t.shape)}")
     half = dim // 2
     exponent = -math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - freq_shift)
-    angles = t.float()[:, None] * torch.exp(exponent)[None, :]
+    return _sinusoidal(t.float(), torch.exp(exponent), dim, cos_first=flip_sin_to_cos)
+
+
+def guidance_scale_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of guidance weights w, [N] -> [N, dim] float32: [sin(1000·w·ω_i), cos(1000·w·ω_i)].
+
+    The extra input of guidance-distilled UNets (LCM, Luo et al. 2023, §4.2, after Meng et al.
+    2023), fed through the UNet's ``time_cond_proj``. It is the timestep embedding of 1000·w with
+    ω_i = 10000^(-i / (dim/2 - 1)), sine first; the frequencies are rounded as in the LCM training
+    code (float32 log 10000, divided, then multiplied by i), so the network sees exactly its
+    training inputs. diffusers' LCM pipeline passes w = guidance_scale - 1 (their CFG scale is
+    the paper's ω + 1).
+    """
+    if w.ndim != 1:
+        raise ValueError(f"guidance weights must be a 1-D tensor [N], got shape {tuple(w.shape)}")
+    half = dim // 2
+    step = torch.log(torch.tensor(10000.0)) / (half - 1)
+    frequencies = torch.exp(torch.arange(half, dtype=torch.float32) * -step).to(w.device)
+    return _sinusoidal(w.float() * 1000.0, frequencies, dim, cos_first=False)
+
+
+def _sinusoidal(values: torch.Tensor, frequencies: torch.Tensor, dim: int, *, cos_first: bool) -> torch.Tensor:
+    """[N] values times [dim // 2] frequencies -> [N, dim] sines and cosines (zero-padded to odd ``dim``)."""
+    angles = values[:, None] * frequencies[None, :]
     sin, cos = torch.sin(angles), torch.cos(angles)
-    emb = torch.cat([cos, sin] if flip_sin_to_cos else [sin, cos], dim=-1)
+    emb = torch.cat([cos, sin] if cos_first else [sin, cos], dim=-1)
     if dim % 2 == 1:
         emb = F.pad(emb, (0, 1))
     return emb

@@ -10,8 +10,9 @@ just the update rule, and which σ's it visits is the plan's business:
     latents = run(plan, guided_denoiser, x, generator=generators, callback=preview)
 
 The plans reproduce diffusers' schedulers (``DDPMScheduler``, ``DDIMScheduler``,
-``EulerDiscreteScheduler``, ``EulerAncestralDiscreteScheduler``, ``DPMSolverMultistepScheduler``)
-as its Stable Diffusion pipelines drive them, quirks included, so seeds give the same images.
+``EulerDiscreteScheduler``, ``EulerAncestralDiscreteScheduler``, ``DPMSolverMultistepScheduler``,
+``LCMScheduler``) built with ``from_config(model's scheduler config)`` and driven as its pipelines
+drive them, quirks included, so seeds give the same images.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ __all__ = [
     "SAMPLER_NAMES",
     "SamplerSpec",
     "SamplingPlan",
+    "StepCallback",
     "draw_noise",
     "initial_latents",
     "noised_latents",
@@ -50,6 +52,7 @@ __all__ = [
     "sample_dpmpp_2m",
     "sample_euler",
     "sample_euler_ancestral",
+    "sample_lcm",
 ]
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
@@ -248,19 +251,58 @@ def sample_dpmpp_2m(
     return x
 
 
+def sample_lcm(
+    denoiser: SamplerDenoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    c_skip: Sequence[float] | None = None,
+    c_out: Sequence[float] | None = None,
+    generator: Generators = None,
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """Multistep consistency sampling (Song et al. 2023, Algorithm 1; LCM: Luo et al. 2023, Algorithm 1).
+
+    Each step jumps straight to a clean estimate with the consistency function
+    f = c_skip·x_t + c_out·x̂0, where x_t = x̃/√(1+σ²) is what the network saw (the skip
+    parameterization of Song et al. 2023, §3, that makes f the identity at t ≈ 0), then noises f
+    afresh to the next σ: x̃' = f + σ'·z. The last step (onto σ = 0) adds no noise. ``c_skip`` and
+    ``c_out`` hold one value per step (the plan computes them from the timesteps); without them
+    f = x̂0. The callback sees f.
+    """
+    total = len(sigmas) - 1
+    for name, scalings in (("c_skip", c_skip), ("c_out", c_out)):
+        if scalings is not None and len(scalings) != total:
+            raise ValueError(f"{name} needs one value per step ({total}), got {len(scalings)}.")
+    for i in range(total):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        denoised = denoiser(x, sigma)
+        skip = 0.0 if c_skip is None else c_skip[i]
+        out = 1.0 if c_out is None else c_out[i]
+        consistent = skip * (x * (1 + sigma**2) ** -0.5) + out * denoised
+        if callback is not None:
+            callback(i, total, consistent)
+        x = consistent
+        if sigma_next > 0:
+            x = x + draw_noise(x.shape, generator=generator, device=x.device, dtype=x.dtype) * sigma_next
+    return x
+
+
 # ---------------------------------------------------------------- registry and plans
 
 
 @dataclass(frozen=True)
 class SamplerSpec:
-    """A user-facing sampler: its update rule, and which reference scheduler's σ's it visits.
+    """A user-facing sampler: its update rule, its web-UI label, and which reference scheduler's σ's it visits.
 
-    ``layout`` is one of ``ddpm``, ``ddim``, ``euler``, ``dpm`` (the diffusers scheduler whose
-    timesteps, σ's and starting noise the plan reproduces); ``karras`` swaps the σ's for Karras
-    et al. 2022's (eq. 5, ρ = 7).
+    ``label`` is the name AUTOMATIC1111's web UI gives it (written in the PNG ``parameters`` text).
+    ``layout`` is one of ``ddpm``, ``ddim``, ``euler``, ``dpm``, ``lcm`` (the diffusers scheduler
+    whose timesteps, σ's and starting noise the plan reproduces); ``karras`` swaps the σ's for
+    Karras et al. 2022's (eq. 5, ρ = 7).
     """
 
     sample: SamplerFunction
+    label: str
     description: str
     layout: str
     karras: bool = False
@@ -268,22 +310,56 @@ class SamplerSpec:
 
 SAMPLERS: Mapping[str, SamplerSpec] = MappingProxyType(
     {
-        "ddpm": SamplerSpec(sample_ddpm, "DDPM: the original ancestral chain; stochastic, needs many steps", "ddpm"),
-        "ddim": SamplerSpec(sample_ddim, "DDIM: deterministic (η = 0) shortcut of the DDPM chain", "ddim"),
-        "euler": SamplerSpec(sample_euler, "Euler: first-order ODE solver in σ; fast and deterministic", "euler"),
+        "ddpm": SamplerSpec(
+            sample_ddpm, "DDPM", "DDPM: the original ancestral chain; stochastic, needs many steps", "ddpm"
+        ),
+        "ddim": SamplerSpec(sample_ddim, "DDIM", "DDIM: deterministic (η = 0) shortcut of the DDPM chain", "ddim"),
+        "euler": SamplerSpec(
+            sample_euler, "Euler", "Euler: first-order ODE solver in σ; fast and deterministic", "euler"
+        ),
         "euler_a": SamplerSpec(
-            sample_euler_ancestral, "Euler ancestral: Euler plus fresh noise each step; varied results", "euler"
+            sample_euler_ancestral,
+            "Euler a",
+            "Euler ancestral: Euler plus fresh noise each step; varied results",
+            "euler",
         ),
         "euler_karras": SamplerSpec(
-            sample_euler, "Euler on Karras σ's: more steps at low noise for finer detail", "euler", karras=True
+            sample_euler,
+            "Euler Karras",
+            "Euler on Karras σ's: more steps at low noise for finer detail",
+            "euler",
+            karras=True,
         ),
-        "dpmpp_2m": SamplerSpec(sample_dpmpp_2m, "DPM++ 2M: second-order multistep; good in 20-30 steps", "dpm"),
+        "dpmpp_2m": SamplerSpec(
+            sample_dpmpp_2m, "DPM++ 2M", "DPM++ 2M: second-order multistep; good in 20-30 steps", "dpm"
+        ),
         "dpmpp_2m_karras": SamplerSpec(
-            sample_dpmpp_2m, "DPM++ 2M Karras: DPM++ 2M on Karras σ's; the usual default", "dpm", karras=True
+            sample_dpmpp_2m,
+            "DPM++ 2M Karras",
+            "DPM++ 2M Karras: DPM++ 2M on Karras σ's; the usual default",
+            "dpm",
+            karras=True,
+        ),
+        "lcm": SamplerSpec(
+            sample_lcm,
+            "LCM",
+            "LCM: consistency sampling for LCM-distilled models or the LCM-LoRA; 2-8 steps, guidance 1-2",
+            "lcm",
         ),
     }
 )
 SAMPLER_NAMES: tuple[str, ...] = tuple(SAMPLERS)
+
+# The timestep spacing of each layout's diffusers class when the model's config gives none (its
+# constructor default in diffusers 0.42: "leading" for DDPM and DDIM, "linspace" for Euler, Euler
+# ancestral and DPM-Solver). LCM lays out its own distillation schedule and has no spacing.
+_DEFAULT_SPACINGS = {"ddpm": "leading", "ddim": "leading", "euler": "linspace", "dpm": "linspace"}
+
+# LCMScheduler's defaults for configs that leave the LCM keys out (SD 1.5's, with the LCM-LoRA),
+# and the data's standard deviation σ_data that consistency models assume (0.5, as Karras et al. 2022).
+_LCM_ORIGINAL_INFERENCE_STEPS = 50
+_LCM_TIMESTEP_SCALING = 10.0
+_LCM_SIGMA_DATA = 0.5
 
 
 @dataclass(frozen=True, eq=False)
@@ -294,7 +370,7 @@ class SamplingPlan:
     from the img2img start on). ``sigmas``: their σ's followed by the final σ (0, or σ(ᾱ_0) for
     DDIM without ``set_alpha_to_one``). ``init_noise_scale``: what N(0, I) noise is multiplied by
     to start from pure noise. ``round_timesteps``: the network sees round(t(σ)), not t(σ).
-    ``options``: keyword options of ``sample`` (DDIM's η).
+    ``options``: keyword options of ``sample`` (DDIM's η, LCM's per-step c_skip and c_out).
     """
 
     sampler: str
@@ -303,7 +379,7 @@ class SamplingPlan:
     init_noise_scale: float
     sample: SamplerFunction
     round_timesteps: bool
-    options: Mapping[str, float]
+    options: Mapping[str, float | tuple[float, ...]]
 
     @property
     def num_steps(self) -> int:
@@ -315,6 +391,7 @@ class _Layout(NamedTuple):
     sigmas: torch.Tensor
     init_noise_scale: float
     round_timesteps: bool
+    options: Mapping[str, float | tuple[float, ...]] = MappingProxyType({})
 
 
 def _interpolate(table: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -324,25 +401,20 @@ def _interpolate(table: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     return table[low] * (1 - weight) + table[low + 1] * weight
 
 
-def _spaced_timesteps(config: SchedulerConfig, steps: int) -> torch.Tensor:
-    timesteps = spaced_timesteps(
-        config.num_train_timesteps, steps, spacing=config.timestep_spacing, steps_offset=config.steps_offset
-    )
+def _spaced_timesteps(config: SchedulerConfig, steps: int, spacing: str) -> torch.Tensor:
+    timesteps = spaced_timesteps(config.num_train_timesteps, steps, spacing=spacing, steps_offset=config.steps_offset)
     if timesteps[0] > config.num_train_timesteps - 1:
         # Leading spacing with an offset at (nearly) every training timestep runs off the end.
         raise ValueError(
-            f"{steps} steps with {config.timestep_spacing} spacing and steps_offset={config.steps_offset} reach "
+            f"{steps} steps with {spacing} spacing and steps_offset={config.steps_offset} reach "
             f"timestep {int(timesteps[0])}, past the last training timestep {config.num_train_timesteps - 1}: "
             "use fewer steps or trailing spacing."
         )
     return timesteps
 
 
-def _discrete_layout(
-    config: SchedulerConfig, steps: int, alphas_cumprod: torch.Tensor, *, final_sigma: float
-) -> _Layout:
-    """DDPM and DDIM: integer timesteps, σ's from the training table, N(0, I) start in x_t."""
-    timesteps = _spaced_timesteps(config, steps).round().long()
+def _discrete_layout(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, *, final_sigma: float) -> _Layout:
+    """Integer timesteps with σ's from the training table and an N(0, I) start in x_t (DDPM, DDIM, LCM)."""
     sigmas = sigmas_from_alphas_cumprod(alphas_cumprod)[timesteps]
     # x_T ~ N(0, I) in the network's space is x̃ = x_T·√(1+σ²).
     init_noise_scale = (1 + float(sigmas[0]) ** 2) ** 0.5
@@ -354,8 +426,10 @@ def _ddim_final_sigma(config: SchedulerConfig, alphas_cumprod: torch.Tensor) -> 
     return 0.0 if config.set_alpha_to_one else float(sigmas_from_alphas_cumprod(alphas_cumprod[:1])[0])
 
 
-def _euler_layout(config: SchedulerConfig, steps: int, alphas_cumprod: torch.Tensor, *, karras: bool) -> _Layout:
-    timesteps = _spaced_timesteps(config, steps)
+def _euler_layout(
+    config: SchedulerConfig, steps: int, alphas_cumprod: torch.Tensor, *, spacing: str, karras: bool
+) -> _Layout:
+    timesteps = _spaced_timesteps(config, steps, spacing)
     sigmas = _interpolate(sigmas_from_alphas_cumprod(alphas_cumprod).double(), timesteps).float()
     if karras:
         # Between the σ's of the first and last spaced timesteps.
@@ -364,11 +438,13 @@ def _euler_layout(config: SchedulerConfig, steps: int, alphas_cumprod: torch.Ten
     sigma_max = float(sigmas.max())
     # diffusers' Euler schedulers start from N(0, σ_max²) with linspace/trailing spacing, not from the
     # exact N(0, 1 + σ_max²); reproduced so that seeds give the same images.
-    init_noise_scale = (sigma_max**2 + 1) ** 0.5 if config.timestep_spacing == "leading" else sigma_max
+    init_noise_scale = (sigma_max**2 + 1) ** 0.5 if spacing == "leading" else sigma_max
     return _Layout(timesteps.float(), torch.cat([sigmas, sigmas.new_zeros(1)]), init_noise_scale, False)
 
 
-def _dpm_layout(config: SchedulerConfig, steps: int, alphas_cumprod: torch.Tensor, *, karras: bool) -> _Layout:
+def _dpm_layout(
+    config: SchedulerConfig, steps: int, alphas_cumprod: torch.Tensor, *, spacing: str, karras: bool
+) -> _Layout:
     table = sigmas_from_alphas_cumprod(alphas_cumprod)
     if karras:
         # Between σ(t=0) and σ(T-1), whatever the spacing; the network sees rounded timesteps.
@@ -377,22 +453,52 @@ def _dpm_layout(config: SchedulerConfig, steps: int, alphas_cumprod: torch.Tenso
     else:
         # With leading and linspace spacing, DPM-Solver lays out steps + 1 timesteps and drops the
         # last (about t = 0): its final step goes to σ = 0 instead.
-        spaced = steps if config.timestep_spacing == "trailing" else steps + 1
-        timesteps = _spaced_timesteps(config, spaced).round().long()[:steps]
+        spaced = steps if spacing == "trailing" else steps + 1
+        timesteps = _spaced_timesteps(config, spaced, spacing).round().long()[:steps]
         sigmas = table[timesteps]
     init_noise_scale = (1 + float(sigmas[0]) ** 2) ** 0.5
     return _Layout(timesteps, torch.cat([sigmas, sigmas.new_zeros(1)]), init_noise_scale, karras)
 
 
-def _lay_out(spec: SamplerSpec, config: SchedulerConfig, steps: int) -> _Layout:
-    alphas_cumprod = alphas_cumprod_from_config(config)
-    if spec.layout == "ddpm":
-        return _discrete_layout(config, steps, alphas_cumprod, final_sigma=0.0)
-    if spec.layout == "ddim":
-        return _discrete_layout(config, steps, alphas_cumprod, final_sigma=_ddim_final_sigma(config, alphas_cumprod))
+def _lcm_layout(config: SchedulerConfig, steps: int, alphas_cumprod: torch.Tensor, *, strength: float) -> _Layout:
+    """LCM's skipping-step schedule and boundary scalings, as diffusers' ``LCMScheduler``.
+
+    LCM was distilled on every k-th training timestep, k = T // original_inference_steps, ending at
+    T-1 (Luo et al. 2023, §4.3); sampling takes ``steps`` of them, evenly spaced by index from the
+    top. Image-to-image keeps the part of that schedule below ``strength`` and still runs every step
+    (diffusers' ``LatentConsistencyModelImg2ImgPipeline``). The scalings c_skip(t) = σ_d²/((s·t)² + σ_d²)
+    and c_out(t) = s·t/√((s·t)² + σ_d²), s = ``timestep_scaling``, are those of the consistency
+    function (Song et al. 2023, §3) with t scaled so that the boundary is sharp at t ≈ 0.
+    """
+    original_steps = config.original_inference_steps or _LCM_ORIGINAL_INFERENCE_STEPS
+    distilled_count = int(original_steps * strength)
+    if steps > distilled_count:
+        raise ValueError(
+            f"lcm takes its steps from the {distilled_count} distillation timesteps that "
+            f"original_inference_steps={original_steps} and strength {strength} leave: use at most "
+            f"{distilled_count} steps{' or a higher strength' if strength < 1 else ''}."
+        )
+    k = config.num_train_timesteps // original_steps
+    distilled = torch.arange(distilled_count, 0, -1) * k - 1
+    # numpy's linspace(0, n, steps, endpoint=False), floored: i·(n/steps).
+    timesteps = distilled[(torch.arange(steps, dtype=torch.float64) * (distilled_count / steps)).floor().long()]
+    scaled = timesteps.double() * (config.timestep_scaling or _LCM_TIMESTEP_SCALING)
+    c_skip = _LCM_SIGMA_DATA**2 / (scaled**2 + _LCM_SIGMA_DATA**2)
+    c_out = scaled / (scaled**2 + _LCM_SIGMA_DATA**2).sqrt()
+    layout = _discrete_layout(timesteps, alphas_cumprod, final_sigma=0.0)
+    return layout._replace(options=MappingProxyType({"c_skip": tuple(c_skip.tolist()), "c_out": tuple(c_out.tolist())}))
+
+
+def _lay_out(spec: SamplerSpec, config: SchedulerConfig, steps: int, alphas_cumprod: torch.Tensor) -> _Layout:
+    """The full text-to-image layout of ``steps`` steps of a sampler that is not LCM."""
+    spacing = config.timestep_spacing or _DEFAULT_SPACINGS[spec.layout]
+    if spec.layout in ("ddpm", "ddim"):
+        timesteps = _spaced_timesteps(config, steps, spacing).round().long()
+        final_sigma = _ddim_final_sigma(config, alphas_cumprod) if spec.layout == "ddim" else 0.0
+        return _discrete_layout(timesteps, alphas_cumprod, final_sigma=final_sigma)
     if spec.layout == "euler":
-        return _euler_layout(config, steps, alphas_cumprod, karras=spec.karras)
-    return _dpm_layout(config, steps, alphas_cumprod, karras=spec.karras)
+        return _euler_layout(config, steps, alphas_cumprod, spacing=spacing, karras=spec.karras)
+    return _dpm_layout(config, steps, alphas_cumprod, spacing=spacing, karras=spec.karras)
 
 
 def plan_sampling(
@@ -407,7 +513,8 @@ def plan_sampling(
 
     ``strength`` < 1 is image-to-image (SDEdit, Meng et al. 2022): of the ``steps`` laid out, only
     the last ``int(steps * strength)`` run, from the input image noised to the first of them (as
-    diffusers' img2img pipeline counts). ``eta`` is DDIM's η (0: deterministic, 1: DDPM-like).
+    diffusers' img2img pipeline counts); ``lcm`` instead runs all ``steps`` from lower in its
+    schedule (see ``_lcm_layout``). ``eta`` is DDIM's η (0: deterministic, 1: DDPM-like).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"Unknown sampler {sampler!r}: choose one of {', '.join(SAMPLER_NAMES)}.")
@@ -421,23 +528,29 @@ def plan_sampling(
         raise ValueError(f"eta must be at least 0, got {eta}.")
     if eta != 0 and sampler != "ddim":
         raise ValueError(f"eta applies to the ddim sampler only, not to {sampler!r}.")
-    run_steps = min(int(steps * strength), steps)
-    if run_steps < 1:
-        raise ValueError(
-            f"strength {strength} runs int({steps} * {strength}) = 0 of {steps} steps: "
-            f"use a strength of at least {1 / steps:.3g} or more steps."
-        )
     spec = SAMPLERS[sampler]
-    layout = _lay_out(spec, config, int(steps))
-    start = steps - run_steps
+    alphas_cumprod = alphas_cumprod_from_config(config)
+    steps = int(steps)
+    if spec.layout == "lcm":
+        layout = _lcm_layout(config, steps, alphas_cumprod, strength=strength)
+    else:
+        run_steps = min(int(steps * strength), steps)
+        if run_steps < 1:
+            raise ValueError(
+                f"strength {strength} runs int({steps} * {strength}) = 0 of {steps} steps: "
+                f"use a strength of at least {1 / steps:.3g} or more steps."
+            )
+        layout = _lay_out(spec, config, steps, alphas_cumprod)
+        start = steps - run_steps
+        layout = layout._replace(timesteps=layout.timesteps[start:], sigmas=layout.sigmas[start:])
     return SamplingPlan(
         sampler=sampler,
-        timesteps=layout.timesteps[start:],
-        sigmas=layout.sigmas[start:],
+        timesteps=layout.timesteps,
+        sigmas=layout.sigmas,
         init_noise_scale=layout.init_noise_scale,
         sample=spec.sample,
         round_timesteps=layout.round_timesteps,
-        options=MappingProxyType({"eta": eta} if sampler == "ddim" else {}),
+        options=MappingProxyType({**layout.options, **({"eta": eta} if sampler == "ddim" else {})}),
     )
 
 

@@ -29,6 +29,7 @@ __all__ = [
     "SchedulerConfig",
     "alphas_cumprod",
     "alphas_cumprod_from_config",
+    "check_prediction_type",
     "karras_sigmas",
     "log_snr",
     "make_betas",
@@ -59,12 +60,24 @@ def _check_choice(kind: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"Unknown {kind} {value!r}: choose one of {', '.join(choices)}.")
 
 
+def check_prediction_type(prediction_type: str) -> None:
+    """Raise a ``ValueError`` naming the choices unless ``prediction_type`` is one of ``PREDICTION_TYPES``."""
+    _check_choice("prediction type", prediction_type, PREDICTION_TYPES)
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     """How a checkpoint was trained to be noised, and how sampling timesteps are spaced.
 
     The defaults are Stable Diffusion's (1.x and 2.x). ``set_alpha_to_one`` only matters to DDIM:
     whether its last step lands on ᾱ = 1 (σ = 0) or stops at ᾱ_0 (SD's configs say False).
+
+    ``None`` means the model's config leaves the key out, and each sampler then uses the default
+    of the diffusers scheduler class it reproduces: SD 1.5's config has no ``timestep_spacing``,
+    so DDPM and DDIM space their steps "leading" and Euler, Euler a and DPM++ "linspace" (starting
+    at σ_max, as the web UIs' k-diffusion samplers do). ``original_inference_steps`` and
+    ``timestep_scaling`` are the LCM sampler's (Luo et al. 2023): the distillation schedule's
+    length and the scale of t in the boundary condition; ``None`` is ``LCMScheduler``'s 50 and 10.
     """
 
     num_train_timesteps: int = 1000
@@ -72,17 +85,28 @@ class SchedulerConfig:
     beta_end: float = 0.012
     beta_schedule: str = "scaled_linear"
     prediction_type: str = "epsilon"
-    timestep_spacing: str = "leading"
+    timestep_spacing: str | None = None
     steps_offset: int = 1
     rescale_betas_zero_snr: bool = False
     set_alpha_to_one: bool = False
+    original_inference_steps: int | None = None
+    timestep_scaling: float | None = None
 
     def __post_init__(self) -> None:
         _check_choice("beta schedule", self.beta_schedule, BETA_SCHEDULES)
-        _check_choice("prediction type", self.prediction_type, PREDICTION_TYPES)
-        _check_choice("timestep spacing", self.timestep_spacing, TIMESTEP_SPACINGS)
+        check_prediction_type(self.prediction_type)
+        if self.timestep_spacing is not None:
+            _check_choice("timestep spacing", self.timestep_spacing, TIMESTEP_SPACINGS)
         if self.num_train_timesteps < 2:
             raise ValueError(f"num_train_timesteps must be at least 2, got {self.num_train_timesteps}.")
+        steps = self.original_inference_steps
+        if steps is not None and not 1 <= steps <= self.num_train_timesteps:
+            raise ValueError(
+                f"original_inference_steps must be from 1 to num_train_timesteps ({self.num_train_timesteps}), "
+                f"got {steps}."
+            )
+        if self.timestep_scaling is not None and not self.timestep_scaling > 0:
+            raise ValueError(f"timestep_scaling must be positive, got {self.timestep_scaling}.")
 
     @classmethod
     def from_hub_config(cls, config: Mapping[str, Any]) -> SchedulerConfig:
@@ -90,8 +114,8 @@ class SchedulerConfig:
 
         Keys about the schedule are read; keys of one scheduler's algorithm (``skip_prk_steps``,
         ``solver_order``, ...) are ignored, since the sampler is chosen per request. Missing keys
-        take this class's defaults (SD 1.5's file has no ``prediction_type`` nor
-        ``timestep_spacing``: ε-prediction, leading spacing).
+        take this class's defaults (SD 1.5's file has no ``prediction_type``: ε-prediction; nor
+        ``timestep_spacing``: each sampler's reference default).
         """
         if config.get("trained_betas") is not None:
             raise ValueError(
@@ -110,7 +134,8 @@ class SchedulerConfig:
     def to_hub_config(self, *, class_name: str = "PNDMScheduler") -> dict[str, Any]:
         """A ``scheduler_config.json`` dict that diffusers' schedulers read (``from_config``)."""
         hub_names = {ours: theirs for theirs, ours in _HUB_BETA_SCHEDULE_NAMES.items()}
-        config = dataclasses.asdict(self)
+        # Keys the model's config left out stay out, so that each diffusers class uses its default.
+        config = {key: value for key, value in dataclasses.asdict(self).items() if value is not None}
         config["beta_schedule"] = hub_names.get(self.beta_schedule, self.beta_schedule)
         return {
             "_class_name": class_name,

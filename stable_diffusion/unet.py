@@ -36,7 +36,6 @@ _FIXED_HUB_OPTIONS: dict[str, Any] = {
     "time_embedding_dim": None,
     "time_embedding_act_fn": None,
     "timestep_post_act": None,
-    "time_cond_proj_dim": None,
     "class_embed_type": None,
     "num_class_embeds": None,
     "addition_embed_type": None,
@@ -69,6 +68,9 @@ class UNetConfig:
     freq_shift: int = 0
     sample_size: int = 64
     upcast_attention: bool = False
+    # Width of the guidance embedding that guidance-distilled UNets (LCM) add to the timestep
+    # features; None for UNets that take no such input.
+    time_cond_proj_dim: int | None = None
 
     def __post_init__(self) -> None:
         levels = len(self.block_out_channels)
@@ -168,6 +170,7 @@ class UNetConfig:
             freq_shift=d.get("freq_shift", 0),
             sample_size=d.get("sample_size") or 64,
             upcast_attention=d.get("upcast_attention", False),
+            time_cond_proj_dim=d.get("time_cond_proj_dim"),
         )
 
     def to_hub_config(self) -> dict[str, Any]:
@@ -194,6 +197,7 @@ class UNetConfig:
             "freq_shift": self.freq_shift,
             "sample_size": self.sample_size,
             "upcast_attention": self.upcast_attention,
+            "time_cond_proj_dim": self.time_cond_proj_dim,
             "act_fn": "silu",
             "center_input_sample": False,
             "downsample_padding": 1,
@@ -202,14 +206,21 @@ class UNetConfig:
 
 
 class TimeEmbedding(nn.Module):
-    """MLP on the sinusoidal timestep features (Ho et al. 2020, appendix B)."""
+    """MLP on the sinusoidal timestep features (Ho et al. 2020, appendix B).
 
-    def __init__(self, in_dim: int, out_dim: int) -> None:
+    With ``cond_dim``, an extra condition (LCM's guidance embedding) is projected to the features'
+    width and added to them before the MLP, as in the checkpoints (``cond_proj``, no bias).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, *, cond_dim: int | None = None) -> None:
         super().__init__()
+        self.cond_proj = None if cond_dim is None else nn.Linear(cond_dim, in_dim, bias=False)
         self.linear_1 = nn.Linear(in_dim, out_dim)
         self.linear_2 = nn.Linear(out_dim, out_dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        if self.cond_proj is not None:
+            x = x + self.cond_proj(cond)
         return self.linear_2(F.silu(self.linear_1(x)))
 
 
@@ -416,7 +427,7 @@ class UNet(nn.Module):
         self.config = config
         channels = config.block_out_channels
         self.conv_in = nn.Conv2d(config.in_channels, channels[0], kernel_size=3, padding=1)
-        self.time_embedding = TimeEmbedding(channels[0], config.time_embed_dim)
+        self.time_embedding = TimeEmbedding(channels[0], config.time_embed_dim, cond_dim=config.time_cond_proj_dim)
         self.down_blocks = nn.ModuleList(
             DownBlock(channels[max(level - 1, 0)], channels[level], level=level, config=config)
             for level in range(len(channels))
@@ -426,11 +437,20 @@ class UNet(nn.Module):
         self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, channels[0], eps=config.norm_eps)
         self.conv_out = nn.Conv2d(channels[0], config.out_channels, kernel_size=3, padding=1)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor | float,
+        context: torch.Tensor,
+        *,
+        timestep_cond: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Noisy latents x [B, C, h, w], timestep(s) t, text states [B, T, D] -> ε (or v) [B, C, h, w].
 
         t may be a Python int/float, a 0-dim tensor, or one value per batch element; fractional
         values are fine (Karras-σ samplers land between the trained integer steps).
+        ``timestep_cond`` [1 or B, time_cond_proj_dim] is the guidance embedding of a UNet built
+        with ``time_cond_proj_dim`` (``layers.guidance_scale_embedding``), and only of such a UNet.
         """
         t = torch.as_tensor(t, device=x.device)
         if t.ndim > 1 or (t.ndim == 1 and t.shape[0] not in (1, x.shape[0])):
@@ -444,7 +464,8 @@ class UNet(nn.Module):
             flip_sin_to_cos=self.config.flip_sin_to_cos,
             freq_shift=self.config.freq_shift,
         )
-        time_emb = self.time_embedding(time_features.to(self.time_embedding.linear_1.weight.dtype))
+        dtype = self.time_embedding.linear_1.weight.dtype
+        time_emb = self.time_embedding(time_features.to(dtype), self._checked_cond(timestep_cond, x.shape[0], dtype))
 
         h = self.conv_in(x)
         skips = [h]
@@ -458,3 +479,18 @@ class UNet(nn.Module):
             # Upsample to the next skip's size, so latents whose side is not a multiple of 2**levels still fit.
             h = block(h, time_emb, context, skips=block_skips, upsample_size=skips[-1].shape[-2:] if skips else None)
         return self.conv_out(F.silu(self.conv_norm_out(h)))
+
+    def _checked_cond(self, timestep_cond: torch.Tensor | None, batch: int, dtype: torch.dtype) -> torch.Tensor | None:
+        dim = self.config.time_cond_proj_dim
+        if dim is None:
+            if timestep_cond is not None:
+                raise ValueError("timestep_cond was given, but this UNet has no time_cond_proj_dim to take it.")
+            return None
+        if timestep_cond is None:
+            raise ValueError(
+                f"this UNet was distilled with a guidance embedding (time_cond_proj_dim={dim}): pass "
+                f"timestep_cond=layers.guidance_scale_embedding(w, {dim})."
+            )
+        if timestep_cond.shape not in ((1, dim), (batch, dim)):
+            raise ValueError(f"timestep_cond must have shape [1 or {batch}, {dim}], got {tuple(timestep_cond.shape)}")
+        return timestep_cond.to(dtype)

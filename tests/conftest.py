@@ -129,4 +129,8 @@ def tiny_sd1_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random SD 1.x-shaped model saved by diffusers in the Hub's folder layout."""
     folder = tmp_path_factory.mktemp("tiny-sd1")
     build_tiny_reference_pipeline("sd1").save_pretrained(folder)
+    # SD 1.5's own scheduler file, as on the Hub: save_pretrained would write DDIM's defaults into it
+    # (timestep_spacing "leading"), which SD 1.5's file leaves to each scheduler class.
+    scheduler_config = "scheduler/scheduler_config.json"
+    (folder / scheduler_config).write_text((HUB_LAYOUTS / "stable-diffusion-v1-5" / scheduler_config).read_text())
     return folder

@@ -19,7 +19,7 @@ from diffusers import UNet2DConditionModel
 
 from stable_diffusion import weights
 from stable_diffusion.clip import CLIPTextConfig, CLIPTextModel
-from stable_diffusion.layers import timestep_embedding
+from stable_diffusion.layers import guidance_scale_embedding, timestep_embedding
 from stable_diffusion.unet import UNet, UNetConfig
 from stable_diffusion.vae import AutoencoderKL, VAEConfig
 
@@ -168,6 +168,54 @@ def test_unet_rejects_wrong_timestep_count() -> None:
         model(torch.zeros(2, 4, 8, 8), torch.tensor([1, 2, 3]), torch.zeros(2, 77, 32))
 
 
+# SD 1.5-shaped with the guidance-embedding input of LCM-distilled UNets (LCM_Dreamshaper_v7: 256).
+LCM_UNET_CONFIG = dataclasses.replace(UNET_CONFIGS["sd1-shaped"], time_cond_proj_dim=20)
+
+
+@pytest.mark.parametrize(("batch", "cond_batch"), [(2, 2), (2, 1), (1, 1)])
+def test_unet_with_guidance_embedding_matches_diffusers(batch: int, cond_batch: int) -> None:
+    torch.manual_seed(0)
+    reference = perturb_vectors(UNet2DConditionModel.from_config(LCM_UNET_CONFIG.to_hub_config()), seed=0)
+    assert reference.config.time_cond_proj_dim == 20
+    ours = ours_from(reference, "unet", UNet, LCM_UNET_CONFIG)
+    assert ours.time_embedding.cond_proj.weight.shape == (32, 20)
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(batch, 4, 16, 16, generator=generator)
+    context = torch.randn(batch, 77, LCM_UNET_CONFIG.cross_attention_dim, generator=generator)
+    # LCM pipelines embed w = guidance_scale - 1; a large w makes a mis-wired embedding show.
+    w = torch.tensor([7.5, 3.0])[:cond_batch]
+    cond = guidance_scale_embedding(w, 20)
+    with torch.no_grad():
+        expected = reference(x, 499, context, timestep_cond=cond).sample
+        assert max_abs_diff(ours(x, 499, context, timestep_cond=cond), expected) < TOL
+        # The condition changes the output (it is not silently dropped).
+        assert max_abs_diff(ours(x, 499, context, timestep_cond=torch.zeros_like(cond)), expected) > 100 * TOL
+
+
+def test_guidance_scale_embedding_matches_diffusers() -> None:
+    from diffusers import LatentConsistencyModelPipeline
+
+    w = torch.tensor([-1.0, 0.0, 0.5, 1.0, 3.0, 7.5, 13.7, 1 / 3])
+    for dim in (256, 512, 33, 20):
+        expected = LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, w, embedding_dim=dim)
+        # The same float32 operations in the same order: equal, not merely close.
+        assert torch.equal(guidance_scale_embedding(w, dim), expected), dim
+
+
+def test_unet_checks_its_guidance_embedding_input() -> None:
+    plain = UNet(UNetConfig.tiny())
+    lcm = UNet(dataclasses.replace(UNetConfig.tiny(), time_cond_proj_dim=8))
+    x, context = torch.zeros(2, 4, 8, 8), torch.zeros(2, 77, 32)
+    with pytest.raises(ValueError, match="no time_cond_proj_dim"):
+        plain(x, 1, context, timestep_cond=torch.zeros(2, 8))
+    with pytest.raises(ValueError, match="guidance_scale_embedding"):
+        lcm(x, 1, context)
+    with pytest.raises(ValueError, match=r"\[1 or 2, 8\]"):
+        lcm(x, 1, context, timestep_cond=torch.zeros(3, 8))
+    with pytest.raises(ValueError, match="1-D"):
+        guidance_scale_embedding(torch.zeros(2, 1), 8)
+
+
 @pytest.mark.parametrize("flip_sin_to_cos", [True, False])
 @pytest.mark.parametrize("freq_shift", [0, 1])
 def test_timestep_embedding_matches_diffusers(flip_sin_to_cos: bool, freq_shift: int) -> None:
@@ -288,6 +336,23 @@ def test_full_size_structure_matches_reference(hub_layouts: Path, repo: str) -> 
             assert reference.mid_block.attentions[0].transformer_blocks[0].attn2.heads == (
                 ours.mid_block.attentions[0].transformer_blocks[0].attn2.num_heads
             )
+
+
+def test_lcm_distilled_unet_config_and_weight_names(hub_layouts: Path) -> None:
+    """SD 1.5's UNet with LCM_Dreamshaper_v7's time_cond_proj_dim: config read, written, and every tensor mapped."""
+    hub_config = read_hub_config(hub_layouts, "stable-diffusion-v1-5", "unet") | {"time_cond_proj_dim": 256}
+    config = UNetConfig.from_hub_config(hub_config)
+    assert config == dataclasses.replace(UNetConfig.sd15(), time_cond_proj_dim=256)
+    assert UNetConfig.from_hub_config(json.loads(json.dumps(config.to_hub_config()))) == config
+    with torch.device("meta"):
+        reference = UNet2DConditionModel.from_config(hub_config)
+    mapped = weights.hub_to_ours("unet", reference.state_dict())
+    ours = weights.build_on_meta(UNet, config)
+    assert {name: tuple(t.shape) for name, t in mapped.items()} == {
+        name: tuple(t.shape) for name, t in ours.state_dict().items()
+    }
+    assert mapped["time_embedding.cond_proj.weight"].shape == (320, 256)
+    assert "time_embedding.cond_proj.weight" in weights.ours_to_hub("unet", ours.state_dict())
 
 
 def test_num_attention_heads_wins_over_attention_head_dim() -> None:

@@ -34,19 +34,24 @@ def ours(tiny_sd1_folder):
 
 
 def reference_scheduler(name: str, pipe):
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler
+    import diffusers
 
-    # The same scheduler settings as ours: SD's config leaves timestep_spacing out, and each
-    # diffusers scheduler class then picks its own default ("leading" for DDIM, "linspace" for
-    # DPM-Solver); our SchedulerConfig reads the missing key as SD's "leading".
-    config = pipe.scheduler.config
-    if name == "ddim":
-        return DDIMScheduler.from_config(config, timestep_spacing="leading")
-    if name == "dpmpp_2m":
-        return DPMSolverMultistepScheduler.from_config(config, timestep_spacing="leading")
-    if name == "euler_a":
-        return EulerAncestralDiscreteScheduler.from_config(config, timestep_spacing="leading")
-    raise KeyError(name)
+    # Built as diffusers' users build them: `<Scheduler>.from_config(the model's scheduler config)`.
+    # Keys that config leaves out (SD 1.5's file has no timestep_spacing; diffusers remembers which
+    # keys it filled in) take each class's own default, as ours do: "leading" for DDPM and DDIM,
+    # "linspace" for Euler, Euler a and DPM-Solver.
+    classes = {
+        "ddpm": ("DDPMScheduler", {}),
+        "ddim": ("DDIMScheduler", {}),
+        "euler": ("EulerDiscreteScheduler", {}),
+        "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+        "euler_karras": ("EulerDiscreteScheduler", {"use_karras_sigmas": True}),
+        "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
+        "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+        "lcm": ("LCMScheduler", {}),
+    }
+    class_name, options = classes[name]
+    return getattr(diffusers, class_name).from_config(pipe.scheduler.config, **options)
 
 
 def as_uint8(images) -> np.ndarray:

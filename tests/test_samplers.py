@@ -1,8 +1,12 @@
 """Samplers, the denoiser and classifier-free guidance against diffusers' schedulers.
 
-The reference loop drives each diffusers scheduler exactly as StableDiffusionPipeline and
-StableDiffusionImg2ImgPipeline do, with a deterministic stand-in for the UNet (a smooth function of
-x, t and the context), the same initial noise and the same generator for ancestral noise.
+Each reference scheduler is built as its users build it, ``<Scheduler>.from_config(model's
+scheduler config)``, from the same config dict our ``SchedulerConfig.from_hub_config`` reads: SD 1.5's
+own file (no ``timestep_spacing``, so every class picks its default), or that file carrying an
+explicit spacing as other models' files do (SD-Turbo's "trailing"). The reference loop drives it
+exactly as StableDiffusionPipeline / StableDiffusionImg2ImgPipeline (and the LCM pipelines for
+``LCMScheduler``) do, with a deterministic stand-in for the UNet (a smooth function of x, t and the
+context), the same initial noise and the same generator for ancestral noise.
 """
 
 from __future__ import annotations
@@ -18,11 +22,14 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    LCMScheduler,
 )
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
-from stable_diffusion import denoisers, samplers
+from stable_diffusion import denoisers, samplers, weights
+from stable_diffusion.layers import guidance_scale_embedding
 from stable_diffusion.schedules import SchedulerConfig, alphas_cumprod_from_config
+from stable_diffusion.unet import UNet, UNetConfig
 
 REFERENCES = {
     "ddpm": (DDPMScheduler, {}),
@@ -32,9 +39,21 @@ REFERENCES = {
     "euler_karras": (EulerDiscreteScheduler, {"use_karras_sigmas": True}),
     "dpmpp_2m": (DPMSolverMultistepScheduler, {}),
     "dpmpp_2m_karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
+    "lcm": (LCMScheduler, {}),
 }
 SHAPE = (1, 4, 8, 8)
 IMG2IMG_STRENGTH = 0.75
+# A1111's names for our samplers (its "LCM" sampler since v1.7).
+WEB_UI_LABELS = {
+    "ddpm": "DDPM",
+    "ddim": "DDIM",
+    "euler": "Euler",
+    "euler_a": "Euler a",
+    "euler_karras": "Euler Karras",
+    "dpmpp_2m": "DPM++ 2M",
+    "dpmpp_2m_karras": "DPM++ 2M Karras",
+    "lcm": "LCM",
+}
 
 
 def standin_model(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -58,6 +77,17 @@ class RecordingModel:
 @pytest.fixture(scope="module")
 def sd15_scheduler_config(hub_layouts) -> dict:
     return json.loads((hub_layouts / "stable-diffusion-v1-5" / "scheduler" / "scheduler_config.json").read_text())
+
+
+def model_config(sd15: dict, **keys) -> dict:
+    """SD 1.5's scheduler config file with ``keys`` added, as another model's own file would carry them."""
+    return {**sd15, **keys}
+
+
+def reference_and_ours(sampler: str, hub_config: dict) -> tuple[object, SchedulerConfig]:
+    """The reference scheduler exactly as ``from_config(model's config)`` builds it, and our reading of that config."""
+    scheduler_class, options = REFERENCES[sampler]
+    return scheduler_class.from_config(hub_config, **options), SchedulerConfig.from_hub_config(hub_config)
 
 
 def _relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
@@ -84,16 +114,22 @@ def _reference_run(
     step_kwargs: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """diffusers' SD pipeline loop: returns the timesteps run, the final latents and the x̂0's."""
-    scheduler.set_timesteps(steps)
-    timesteps = scheduler.timesteps
+    if isinstance(scheduler, LCMScheduler):
+        # The LCM pipelines: strength shortens the distillation schedule, and every step runs.
+        scheduler.set_timesteps(steps, strength=1.0 if strength is None else strength)
+        timesteps = scheduler.timesteps
+    else:
+        scheduler.set_timesteps(steps)
+        timesteps = scheduler.timesteps
+        if strength is not None:
+            init_timestep = min(int(steps * strength), steps)
+            t_start = max(steps - init_timestep, 0)
+            timesteps = scheduler.timesteps[t_start * scheduler.order :]
+            if hasattr(scheduler, "set_begin_index"):
+                scheduler.set_begin_index(t_start * scheduler.order)
     if strength is None:
         latents = noise * scheduler.init_noise_sigma
     else:
-        init_timestep = min(int(steps * strength), steps)
-        t_start = max(steps - init_timestep, 0)
-        timesteps = scheduler.timesteps[t_start * scheduler.order :]
-        if hasattr(scheduler, "set_begin_index"):
-            scheduler.set_begin_index(t_start * scheduler.order)
         latents = scheduler.add_noise(x0, noise, timesteps[:1].repeat(noise.shape[0]))
     do_cfg = guidance_scale > 1
     x0_hats = []
@@ -108,7 +144,8 @@ def _reference_run(
                 output = rescale_noise_cfg(output, output_text, guidance_rescale=guidance_rescale)
         step = scheduler.step(output, t, latents, generator=generator, **(step_kwargs or {}))
         latents = step.prev_sample
-        x0_hats.append(getattr(step, "pred_original_sample", None))
+        # LCM reports its consistency estimate f as `denoised`, the others x̂0 (if at all).
+        x0_hats.append(getattr(step, "denoised", getattr(step, "pred_original_sample", None)))
     return timesteps, latents, x0_hats
 
 
@@ -126,10 +163,11 @@ def _our_run(
     guidance_rescale: float = 0.0,
     uncond: torch.Tensor | None = None,
     eta: float = 0.0,
+    model=standin_model,
 ) -> tuple[samplers.SamplingPlan, torch.Tensor, list[torch.Tensor]]:
     plan = samplers.plan_sampling(config, sampler, steps, strength=strength or 1.0, eta=eta)
     x = samplers.initial_latents(plan, noise) if strength is None else samplers.noised_latents(plan, x0, noise)
-    denoiser = denoisers.Denoiser(standin_model, alphas_cumprod_from_config(config), config.prediction_type)
+    denoiser = denoisers.Denoiser(model, alphas_cumprod_from_config(config), config.prediction_type)
     guided = denoisers.guided(
         denoiser, context, context if uncond is None else uncond, guidance_scale, rescale=guidance_rescale
     )
@@ -147,7 +185,7 @@ def _check_plan(plan: samplers.SamplingPlan, scheduler, timesteps: torch.Tensor)
     assert plan.timesteps.dtype == timesteps.dtype
     torch.testing.assert_close(plan.timesteps, timesteps, atol=1e-3, rtol=0)
     start = len(scheduler.timesteps) - len(timesteps)
-    if isinstance(scheduler, (DDPMScheduler, DDIMScheduler)):
+    if isinstance(scheduler, (DDPMScheduler, DDIMScheduler, LCMScheduler)):
         alphas_cumprod = scheduler.alphas_cumprod[timesteps]
         final = scheduler.final_alpha_cumprod if isinstance(scheduler, DDIMScheduler) else torch.tensor(1.0)
         alphas_cumprod = torch.cat([alphas_cumprod, final.reshape(1)])
@@ -157,34 +195,23 @@ def _check_plan(plan: samplers.SamplingPlan, scheduler, timesteps: torch.Tensor)
     torch.testing.assert_close(plan.sigmas, reference_sigmas, rtol=5e-5, atol=0)
 
 
+# None: the model's config leaves timestep_spacing out (SD 1.5's), so each class uses its default.
 PARITY_CASES = [
     (sampler, spacing)
     for sampler in samplers.SAMPLER_NAMES
-    for spacing in ("leading", "trailing", "linspace")
+    if sampler != "lcm"  # LCM has no spacing: test_lcm_matches_diffusers
+    for spacing in (None, "leading", "trailing", "linspace")
     # diffusers' DDIM mis-steps with linspace spacing (issue #12633); ours follows the plan.
     if not (sampler == "ddim" and spacing == "linspace")
 ]
 
 
-@pytest.mark.parametrize("img2img", [False, True], ids=["txt2img", "img2img"])
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-@pytest.mark.parametrize("steps", [1, 10, 25, 50])
-@pytest.mark.parametrize(("sampler", "spacing"), PARITY_CASES)
-def test_sampler_matches_diffusers(
-    sd15_scheduler_config: dict, sampler: str, spacing: str, steps: int, prediction_type: str, img2img: bool
-) -> None:
-    scheduler_class, options = REFERENCES[sampler]
-    scheduler = scheduler_class.from_config(
-        sd15_scheduler_config, prediction_type=prediction_type, timestep_spacing=spacing, **options
-    )
-    config = dataclasses.replace(
-        SchedulerConfig.from_hub_config(sd15_scheduler_config),
-        prediction_type=prediction_type,
-        timestep_spacing=spacing,
-    )
+def _check_parity(
+    scheduler, config: SchedulerConfig, sampler: str, steps: int, *, img2img: bool, strength: float | None
+) -> samplers.SamplingPlan:
+    """Runs the reference and ours on the same noise, seeds and context; checks plan, latents and x̂0's."""
     context = torch.randn(1, 77, 16, generator=torch.Generator().manual_seed(1))
     x0 = torch.randn(SHAPE, generator=torch.Generator().manual_seed(2)) if img2img else None
-    strength = _strength(steps, img2img)
     # One generator per run for the initial noise and then the ancestral noise, as the pipelines use it.
     reference_generator = torch.Generator().manual_seed(3)
     reference_noise = torch.randn(SHAPE, generator=reference_generator)
@@ -199,20 +226,132 @@ def test_sampler_matches_diffusers(
     )
 
     _check_plan(plan, scheduler, timesteps)
-    if isinstance(scheduler, (EulerDiscreteScheduler, EulerAncestralDiscreteScheduler)) and not img2img:
-        assert plan.init_noise_scale == pytest.approx(float(scheduler.init_noise_sigma), rel=1e-6)
+    if not img2img:
+        reference_scale = float(scheduler.init_noise_sigma)
+        if isinstance(scheduler, (DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler, LCMScheduler)):
+            # These start at x_T ~ N(0, I) in the network's space: x̃ = x_T·√(1+σ²).
+            reference_scale *= (1 + float(plan.sigmas[0]) ** 2) ** 0.5
+        assert plan.init_noise_scale == pytest.approx(reference_scale, rel=1e-6)
     assert _relative_error(latents, expected) < 1e-5
     assert len(x0_hats) == len(timesteps)
     for ours, reference in zip(x0_hats, expected_x0_hats, strict=True):
         if reference is not None:
             assert _relative_error(ours, reference) < 1e-5
+    return plan
+
+
+@pytest.mark.parametrize("img2img", [False, True], ids=["txt2img", "img2img"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("steps", [1, 4, 10, 25, 50])
+@pytest.mark.parametrize(("sampler", "spacing"), PARITY_CASES)
+def test_sampler_matches_diffusers(
+    sd15_scheduler_config: dict, sampler: str, spacing: str | None, steps: int, prediction_type: str, img2img: bool
+) -> None:
+    keys = {"prediction_type": prediction_type} | ({} if spacing is None else {"timestep_spacing": spacing})
+    scheduler, config = reference_and_ours(sampler, model_config(sd15_scheduler_config, **keys))
+    _check_parity(scheduler, config, sampler, steps, img2img=img2img, strength=_strength(steps, img2img))
+
+
+def test_sd15_config_spacing_is_each_reference_classes_default(sd15_scheduler_config: dict) -> None:
+    """Issue #13: Euler from SD 1.5's own config starts at σ_max (14.6), not at σ(t=831) = 5.9."""
+    assert "timestep_spacing" not in sd15_scheduler_config
+    config = SchedulerConfig.from_hub_config(sd15_scheduler_config)
+    assert config.timestep_spacing is None
+
+    euler = samplers.plan_sampling(config, "euler", 6)
+    assert float(euler.sigmas[0]) == pytest.approx(14.6146, rel=1e-4) and float(euler.timesteps[0]) == 999
+    ddim = samplers.plan_sampling(config, "ddim", 6)
+    assert ddim.timesteps.tolist() == [831, 665, 499, 333, 167, 1]  # leading, with SD's steps_offset 1
+    for sampler in ("euler_a", "dpmpp_2m"):
+        assert int(samplers.plan_sampling(config, sampler, 6).timesteps[0]) == 999
+    # The same config with an explicit spacing is honoured by every sampler.
+    leading = SchedulerConfig.from_hub_config(model_config(sd15_scheduler_config, timestep_spacing="leading"))
+    assert float(samplers.plan_sampling(leading, "euler", 6).timesteps[0]) == 831
+
+
+LCM_CONFIGS = {
+    # SD 1.5 with the LCM-LoRA: LCMScheduler.from_config(SD 1.5's file) takes the class's LCM defaults.
+    "sd15": {},
+    # An LCM-distilled model's own LCMScheduler file (LCM_Dreamshaper_v7 style).
+    "distilled": {
+        "_class_name": "LCMScheduler",
+        "original_inference_steps": 50,
+        "timestep_scaling": 10.0,
+        "set_alpha_to_one": True,
+        "timestep_spacing": "leading",
+    },
+    # Other values, to show that both LCM keys are read.
+    "custom": {"original_inference_steps": 40, "timestep_scaling": 4.0},
+}
+
+
+@pytest.mark.parametrize("img2img", [False, True], ids=["txt2img", "img2img"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("steps", [1, 2, 4, 8])
+@pytest.mark.parametrize("lcm_config", list(LCM_CONFIGS))
+def test_lcm_matches_diffusers(
+    sd15_scheduler_config: dict, lcm_config: str, steps: int, prediction_type: str, img2img: bool
+) -> None:
+    hub_config = model_config(sd15_scheduler_config, prediction_type=prediction_type, **LCM_CONFIGS[lcm_config])
+    scheduler, config = reference_and_ours("lcm", hub_config)
+    plan = _check_parity(scheduler, config, "lcm", steps, img2img=img2img, strength=0.5 if img2img else None)
+    # Every step runs, img2img included; c_skip ≈ 0 and c_out ≈ 1 except near t = 0.
+    assert plan.num_steps == steps
+    scalings = scheduler.get_scalings_for_boundary_condition_discrete
+    expected = torch.tensor([[float(c) for c in scalings(t)] for t in plan.timesteps])
+    torch.testing.assert_close(torch.tensor([plan.options["c_skip"], plan.options["c_out"]]).T, expected)
+
+
+def test_lcm_distilled_unet_runs_as_the_lcm_pipeline_runs_it(sd15_scheduler_config: dict) -> None:
+    """The recipe for UNets with ``time_cond_proj_dim``: timestep_cond = the embedding of w = guidance_scale - 1,
+    and no guidance batch (scale 1 in the wrapper). With the lcm sampler it is LatentConsistencyModelPipeline."""
+    from diffusers import LatentConsistencyModelPipeline, UNet2DConditionModel
+
+    unet_config = dataclasses.replace(UNetConfig.tiny(), time_cond_proj_dim=16)
+    torch.manual_seed(0)
+    reference_unet = UNet2DConditionModel.from_config(unet_config.to_hub_config()).eval()
+    unet = weights.build_on_meta(UNet, unet_config)
+    unet = weights.load_into(unet, weights.hub_to_ours("unet", reference_unet.state_dict())).eval()
+    scheduler, config = reference_and_ours("lcm", model_config(sd15_scheduler_config, **LCM_CONFIGS["distilled"]))
+    guidance_scale, steps, shape = 8.5, 4, (2, 4, 8, 8)
+    context = torch.randn(2, 77, 32, generator=torch.Generator().manual_seed(1))
+
+    def generators() -> list[torch.Generator]:
+        return [torch.Generator().manual_seed(seed) for seed in (21, 22)]
+
+    with torch.no_grad():
+        # LatentConsistencyModelPipeline.__call__, steps 5-8.
+        reference_generators = generators()
+        latents = samplers.draw_noise(shape, generator=reference_generators) * scheduler.init_noise_sigma
+        w = torch.tensor(guidance_scale - 1).repeat(shape[0])
+        w_embedding = LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, w, embedding_dim=16)
+        scheduler.set_timesteps(steps)
+        for t in scheduler.timesteps:
+            output = reference_unet(latents, t, timestep_cond=w_embedding, encoder_hidden_states=context).sample
+            latents, expected = scheduler.step(output, t, latents, generator=reference_generators, return_dict=False)
+
+        ours = generators()
+        timestep_cond = guidance_scale_embedding(torch.tensor([guidance_scale - 1]), unet_config.time_cond_proj_dim)
+        batches = []
+
+        def model(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+            batches.append(x.shape[0])
+            return unet(x, t, c, timestep_cond=timestep_cond)
+
+        denoiser = denoisers.Denoiser(model, alphas_cumprod_from_config(config), config.prediction_type)
+        plan = samplers.plan_sampling(config, "lcm", steps)
+        x = samplers.initial_latents(plan, samplers.draw_noise(shape, generator=ours))
+        no_guidance_batch = denoisers.guided(denoiser, context, torch.zeros_like(context), 1.0)
+        latents = samplers.run(plan, no_guidance_batch, x, generator=ours)
+
+    assert batches == [shape[0]] * steps
+    assert _relative_error(latents, expected) < 1e-5
 
 
 @pytest.mark.parametrize("spacing", ["leading", "trailing"])
 @pytest.mark.parametrize("steps", [10, 25])
 def test_ddim_with_eta_matches_diffusers(sd15_scheduler_config: dict, steps: int, spacing: str) -> None:
-    scheduler = DDIMScheduler.from_config(sd15_scheduler_config, timestep_spacing=spacing)
-    config = dataclasses.replace(SchedulerConfig.from_hub_config(sd15_scheduler_config), timestep_spacing=spacing)
+    scheduler, config = reference_and_ours("ddim", model_config(sd15_scheduler_config, timestep_spacing=spacing))
     context = torch.randn(1, 77, 16)
     noise = torch.randn(SHAPE)
 
@@ -226,13 +365,10 @@ def test_ddim_with_eta_matches_diffusers(sd15_scheduler_config: dict, steps: int
     assert _relative_error(latents, expected) < 1e-5
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "euler_a"])
+@pytest.mark.parametrize("sampler", ["ddpm", "euler_a", "lcm"])
 def test_one_generator_per_image(sd15_scheduler_config: dict, sampler: str) -> None:
     """Image i's noise comes from generator i alone, as with diffusers' lists of generators."""
-    scheduler_class, options = REFERENCES[sampler]
-    # SD 1.5's file has no timestep_spacing: the Euler schedulers would default to linspace.
-    scheduler = scheduler_class.from_config(sd15_scheduler_config, timestep_spacing="leading", **options)
-    config = SchedulerConfig.from_hub_config(sd15_scheduler_config)
+    scheduler, config = reference_and_ours(sampler, sd15_scheduler_config)
     shape = (2, *SHAPE[1:])
     context = torch.randn(2, 77, 16)
 
@@ -265,10 +401,8 @@ def test_one_generator_per_image(sd15_scheduler_config: dict, sampler: str) -> N
 @pytest.mark.parametrize("sampler", ["euler", "euler_a", "dpmpp_2m"])
 @pytest.mark.parametrize("steps", [10, 25])
 def test_zero_terminal_snr_matches_diffusers(sd15_scheduler_config: dict, sampler: str, steps: int) -> None:
-    scheduler_class, options = REFERENCES[sampler]
     settings = {"prediction_type": "v_prediction", "timestep_spacing": "trailing", "rescale_betas_zero_snr": True}
-    scheduler = scheduler_class.from_config(sd15_scheduler_config, **settings, **options)
-    config = dataclasses.replace(SchedulerConfig.from_hub_config(sd15_scheduler_config), **settings)
+    scheduler, config = reference_and_ours(sampler, model_config(sd15_scheduler_config, **settings))
     context = torch.randn(1, 77, 16)
     noise = torch.randn(SHAPE)
 
@@ -288,12 +422,8 @@ def test_zero_terminal_snr_matches_diffusers(sd15_scheduler_config: dict, sample
 def test_classifier_free_guidance_matches_the_pipeline(
     sd15_scheduler_config: dict, sampler: str, prediction_type: str
 ) -> None:
-    scheduler_class, options = REFERENCES[sampler]
-    scheduler = scheduler_class.from_config(
-        sd15_scheduler_config, prediction_type=prediction_type, timestep_spacing="leading", **options
-    )
-    config = dataclasses.replace(
-        SchedulerConfig.from_hub_config(sd15_scheduler_config), prediction_type=prediction_type
+    scheduler, config = reference_and_ours(
+        sampler, model_config(sd15_scheduler_config, prediction_type=prediction_type)
     )
     shape = (2, *SHAPE[1:])
     cond, uncond = torch.randn(2, 77, 16), torch.randn(2, 77, 16)
@@ -327,15 +457,37 @@ def test_guidance_is_one_batched_call_applying_the_formula(prediction_type: str)
     torch.testing.assert_close(guided, x0_uncond + scale * (x0_cond - x0_uncond), rtol=1e-4, atol=1e-4)
 
 
-def test_guidance_scale_one_is_the_plain_conditional_denoiser() -> None:
+@pytest.mark.parametrize("scale", [0.0, 0.5, 1.0])
+def test_guidance_at_most_one_is_the_plain_conditional_denoiser(scale: float) -> None:
+    """diffusers: do_classifier_free_guidance = guidance_scale > 1; SD-Turbo's guidance 0 follows the prompt."""
     model = RecordingModel()
     denoiser = denoisers.Denoiser(model, alphas_cumprod_from_config(SchedulerConfig()), "epsilon")
     x, cond, uncond = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 16), torch.randn(2, 77, 16)
 
-    guided = denoisers.guided(denoiser, cond, uncond, 1.0, rescale=0.7)(x, 3.0)
+    guided = denoisers.guided(denoiser, cond, uncond, scale, rescale=0.7)(x, 3.0)
 
     assert len(model.calls) == 1 and model.calls[0][0].shape[0] == 2 and torch.equal(model.calls[0][2], cond)
     torch.testing.assert_close(guided, denoiser(x, 3.0, cond), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("sampler", "scale"), [("euler", 0.0), ("dpmpp_2m", 0.5), ("lcm", 1.0), ("euler_a", 0.0)])
+def test_guidance_at_most_one_matches_the_pipeline(sd15_scheduler_config: dict, sampler: str, scale: float) -> None:
+    """One conditional pass per step, whatever the negative prompt, as diffusers' pipelines run it."""
+    scheduler, config = reference_and_ours(sampler, sd15_scheduler_config)
+    cond, uncond = torch.randn(1, 77, 16), torch.randn(1, 77, 16)
+    noise = torch.randn(SHAPE)
+    model = RecordingModel()
+    cfg = {"guidance_scale": scale, "uncond": uncond}
+
+    reference_generator = torch.Generator().manual_seed(4)
+    _, expected, _ = _reference_run(scheduler, 6, noise, context=cond, generator=reference_generator, **cfg)
+    plan, latents, _ = _our_run(
+        config, sampler, 6, noise, context=cond, generator=torch.Generator().manual_seed(4), model=model, **cfg
+    )
+
+    assert _relative_error(latents, expected) < 1e-5
+    assert len(model.calls) == plan.num_steps
+    assert all(x.shape[0] == 1 and torch.equal(context, cond) for x, _, context in model.calls)
 
 
 def test_guidance_rescale_matches_diffusers() -> None:
@@ -396,8 +548,9 @@ def test_runs_share_no_state() -> None:
     torch.testing.assert_close(again, first, rtol=0, atol=0)
 
 
-def test_registry_lists_every_sampler_with_a_description() -> None:
-    assert samplers.SAMPLER_NAMES == ("ddpm", "ddim", "euler", "euler_a", "euler_karras", "dpmpp_2m", "dpmpp_2m_karras")
+def test_registry_lists_every_sampler_with_its_web_ui_label_and_a_description() -> None:
+    assert samplers.SAMPLER_NAMES == tuple(WEB_UI_LABELS)
+    assert {name: spec.label for name, spec in samplers.SAMPLERS.items()} == WEB_UI_LABELS
     for spec in samplers.SAMPLERS.values():
         assert spec.description and spec.sample.__doc__
 
@@ -422,10 +575,12 @@ BAD_PLANS: list[tuple[dict, str]] = [
     ({"strength": -0.2}, r"\(0, 1\]"),
     ({"strength": 1.5}, r"\(0, 1\]"),
     ({"strength": 0.05}, "strength of at least 0.1"),
-    ({"sampler": "heun"}, "ddpm, ddim, euler, euler_a, euler_karras, dpmpp_2m, dpmpp_2m_karras"),
+    ({"sampler": "heun"}, "ddpm, ddim, euler, euler_a, euler_karras, dpmpp_2m, dpmpp_2m_karras, lcm"),
     ({"sampler": "euler", "eta": 0.5}, "ddim sampler only"),
     ({"sampler": "ddim", "eta": -1.0}, "at least 0"),
-    ({"steps": 1000}, "past the last training timestep"),
+    ({"sampler": "ddim", "steps": 1000}, "past the last training timestep"),
+    ({"sampler": "lcm", "steps": 51}, "at most 50 steps"),
+    ({"sampler": "lcm", "steps": 4, "strength": 0.05}, "at most 2 steps or a higher strength"),
 ]
 
 
@@ -450,3 +605,6 @@ def test_bad_denoiser_arguments_raise_value_errors() -> None:
         denoisers.guided(denoiser, torch.zeros(1, 77, 16), torch.zeros(1, 77, 16), 7.5, rescale=1.5)
     with pytest.raises(ValueError, match="one per batch item"):
         samplers.draw_noise((3, 4, 8, 8), generator=[torch.Generator(), torch.Generator()])
+    guided = denoisers.guided(denoiser, torch.zeros(1, 77, 16), torch.zeros(1, 77, 16), 1.0)
+    with pytest.raises(ValueError, match="one value per step"):
+        samplers.sample_lcm(guided, torch.zeros(SHAPE), torch.tensor([2.0, 1.0, 0.0]), c_skip=[0.0], c_out=[1.0, 1.0])

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler, LCMScheduler
 
 from stable_diffusion import schedules
 from stable_diffusion.schedules import SchedulerConfig
@@ -149,6 +149,26 @@ def test_from_hub_config_reads_the_real_configs(hub_layouts) -> None:
     assert sd15 == SchedulerConfig()
     assert sd21 == SchedulerConfig(prediction_type="v_prediction")
     assert sd21_base == SchedulerConfig()
+    # None of them gives a timestep spacing: each sampler then uses its reference class's default.
+    assert sd15.timestep_spacing is sd21.timestep_spacing is sd21_base.timestep_spacing is None
+
+
+def test_keys_the_config_leaves_out_stay_out(hub_layouts) -> None:
+    """Saved and read back, SD 1.5's config still lets every diffusers class pick its own defaults."""
+    hub = SchedulerConfig.from_hub_config(_load(hub_layouts, "stable-diffusion-v1-5")).to_hub_config()
+
+    assert not {"timestep_spacing", "original_inference_steps", "timestep_scaling"} & set(hub)
+    assert EulerDiscreteScheduler.from_config(hub).config.timestep_spacing == "linspace"
+    assert DDIMScheduler.from_config(hub).config.timestep_spacing == "leading"
+    assert SchedulerConfig.from_hub_config(hub) == SchedulerConfig()
+
+
+def test_lcm_keys_are_read_and_written() -> None:
+    lcm = {**SchedulerConfig().to_hub_config(class_name="LCMScheduler"), "original_inference_steps": 25}
+    config = SchedulerConfig.from_hub_config({**lcm, "timestep_scaling": 5.0})
+    assert (config.original_inference_steps, config.timestep_scaling) == (25, 5.0)
+    reference = LCMScheduler.from_config(config.to_hub_config(class_name="LCMScheduler"))
+    assert (reference.config.original_inference_steps, reference.config.timestep_scaling) == (25, 5.0)
 
 
 def test_to_hub_config_round_trips_through_diffusers() -> None:
@@ -169,6 +189,9 @@ def test_to_hub_config_round_trips_through_diffusers() -> None:
         ({"beta_schedule": "quadratic"}, "linear, scaled_linear, cosine"),
         ({"prediction_type": "sample"}, "epsilon, v_prediction"),
         ({"timestep_spacing": "middle"}, "leading, trailing, linspace"),
+        ({"original_inference_steps": 0}, "from 1 to num_train_timesteps"),
+        ({"original_inference_steps": 1001}, "from 1 to num_train_timesteps"),
+        ({"timestep_scaling": 0.0}, "positive"),
     ],
 )
 def test_unknown_names_are_rejected_with_the_choices(change: dict, valid: str) -> None:
@@ -179,6 +202,8 @@ def test_unknown_names_are_rejected_with_the_choices(change: dict, valid: str) -
 
 
 def test_bad_schedule_arguments_are_rejected() -> None:
+    with pytest.raises(ValueError, match="epsilon, v_prediction"):
+        schedules.check_prediction_type("sample")
     with pytest.raises(ValueError, match="linear, scaled_linear, cosine"):
         schedules.make_betas("sigmoid")
     with pytest.raises(ValueError, match="leading, trailing, linspace"):

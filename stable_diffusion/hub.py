@@ -55,7 +55,7 @@ from transformers import CLIPTokenizer
 from . import devices, single_file
 from .clip import CLIPTextConfig, CLIPTextModel
 from .pipelines import StableDiffusion
-from .schedules import PREDICTION_TYPES, SchedulerConfig
+from .schedules import SchedulerConfig, check_prediction_type
 from .taesd import TAESDConfig, TinyAutoencoder
 from .unet import UNet, UNetConfig
 from .vae import AutoencoderKL, VAEConfig
@@ -121,8 +121,8 @@ def load(
 
     Raises ModelLoadError for anything the user can fix (network, missing files, wrong files).
     """
-    if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"unknown prediction_type {prediction_type!r}; valid: {', '.join(PREDICTION_TYPES)}")
+    if prediction_type is not None:
+        check_prediction_type(prediction_type)
     device, dtype = _device_and_dtype(device, dtype)
     # The tiny autoencoder first: a mistake in its source should not cost the model's download.
     tiny = None if tiny_vae is None else load_tiny_vae(tiny_vae, device, dtype, token=token)

@@ -35,9 +35,10 @@ from PIL import Image
 
 from . import denoisers, prompts, samplers, schedules
 from .clip import CLIPTextModel
+from .layers import guidance_scale_embedding
 from .images import checked_image, native_area_size, pil_to_tensor, tensor_to_pil
 from .previews import CHEAP_DECODE_PARAMETERS, LatentRGB
-from .request import SAMPLER_LABELS, GenerationRequest, InvalidSetting
+from .request import GenerationRequest, InvalidSetting
 from .samplers import SamplingPlan, StepCallback
 from .schedules import SchedulerConfig
 from .taesd import TinyAutoencoder
@@ -216,7 +217,7 @@ class StableDiffusion:
         x = mode.initial_latents(self, plan, generators)
         latents = self._denoise(plan, x, request, generators, _step_hook(callback, cancel))
         images = self.decode(latents, decoder=request.decoder)
-        label = SAMPLER_LABELS.get(request.sampler, request.sampler)
+        label = samplers.SAMPLERS[request.sampler].label
         parameters = [
             request.parameters_text(seed, width, height, sampler_label=label, model=self.name)
             for seed in request.seeds
@@ -334,20 +335,29 @@ class StableDiffusion:
             for text in (request.prompt, request.negative_prompt)
         )
         alphas_cumprod = schedules.alphas_cumprod_from_config(self.scheduler)
-        denoiser = denoisers.Denoiser(self._model_fn(), alphas_cumprod, self.scheduler.prediction_type)
-        guided = denoisers.guided(
-            denoiser, cond=cond, uncond=uncond, scale=request.guidance_scale, rescale=request.guidance_rescale
-        )
+        guidance_dim = self.unet.config.time_cond_proj_dim
+        if guidance_dim is None:
+            model, scale = self._model_fn(), request.guidance_scale
+        else:
+            # A guidance-distilled UNet (LCM, Luo et al. 2023, §4.2) takes the guidance weight as an
+            # input beside the timestep and needs no guidance batch; diffusers' LCM pipeline feeds
+            # w = guidance_scale - 1 and ignores the negative prompt.
+            weight = torch.tensor([request.guidance_scale - 1.0])
+            model, scale = self._model_fn(timestep_cond=guidance_scale_embedding(weight, guidance_dim)), 1.0
+        denoiser = denoisers.Denoiser(model, alphas_cumprod, self.scheduler.prediction_type)
+        guided = denoisers.guided(denoiser, cond=cond, uncond=uncond, scale=scale, rescale=request.guidance_rescale)
         with torch.inference_mode():
             return samplers.run(plan, guided, x, generator=generators, callback=on_step)
 
-    def _model_fn(self) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    def _model_fn(self, *, timestep_cond: torch.Tensor | None = None) -> Callable[..., torch.Tensor]:
         # The sampler's arithmetic stays in float32 whatever the network's precision: small
         # differences of large numbers (x - σ·ε at high σ) lose the image in bfloat16.
         unet, dtype = self.unet, self.dtype
+        if timestep_cond is not None:
+            timestep_cond = timestep_cond.to(self.device, dtype)
 
         def model(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-            return unet(x.to(dtype), t, context.to(dtype)).float()
+            return unet(x.to(dtype), t, context.to(dtype), timestep_cond=timestep_cond).float()
 
         return model
 

@@ -14,11 +14,12 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from .samplers import SAMPLERS
+
 __all__ = [
     "DECODERS",
     "MAX_GUIDANCE_SCALE",
     "MAX_SEED",
-    "SAMPLER_LABELS",
     "GenerationRequest",
     "InvalidSetting",
     "parse_parameters_text",
@@ -27,16 +28,6 @@ __all__ = [
 
 MAX_SEED = 2**63 - 1
 MAX_GUIDANCE_SCALE = 30.0
-SAMPLER_LABELS = {
-    "ddpm": "DDPM",
-    "ddim": "DDIM",
-    "euler": "Euler",
-    "euler_a": "Euler a",
-    "euler_karras": "Euler Karras",
-    "dpmpp_2m": "DPM++ 2M",
-    "dpmpp_2m_karras": "DPM++ 2M Karras",
-}
-"""Our sampler names as the popular web UIs label them in the PNG ``parameters`` text."""
 DECODERS = ("full", "tiny")
 """``full``: the model's VAE decoder; ``tiny``: the tiny autoencoder (TAESD), ~18x cheaper."""
 
@@ -206,7 +197,7 @@ def settings_from_parameters(fields: dict[str, str]) -> dict[str, Any]:
     label = fields.get("Sampler", "")
     if fields.get("Schedule type", "").lower() == "karras" and not label.endswith("Karras"):
         label += " Karras"  # newer web UIs write the schedule apart: "Sampler: DPM++ 2M, Schedule type: Karras"
-    names = {shown.lower(): name for name, shown in SAMPLER_LABELS.items()}
+    names = {spec.label.lower(): name for name, spec in SAMPLERS.items()}
     if label.lower() in names:
         settings["sampler"] = names[label.lower()]
     return settings

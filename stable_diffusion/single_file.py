@@ -50,7 +50,7 @@ from typing import Any, Literal
 import torch
 import yaml
 
-from .schedules import PREDICTION_TYPES
+from .schedules import check_prediction_type
 
 __all__ = [
     "NETWORKS",
@@ -570,8 +570,7 @@ def _prediction_type(
         # SD 2.0 / 2.1 (768 px) predict v; SD 1.x and SD-Turbo (sgm's layout) predict ε.
         prediction_type = "v_prediction" if clip_layout.prefix == OPEN_CLIP_PREFIX else "epsilon"
         logger.info("assuming %s prediction (text encoder under %s*)", prediction_type, clip_layout.prefix)
-    if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"unknown prediction_type {prediction_type!r}; valid: {', '.join(PREDICTION_TYPES)}")
+    check_prediction_type(prediction_type)
     return prediction_type
 
 

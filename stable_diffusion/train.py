@@ -58,7 +58,7 @@ from . import hub
 from .devices import parse_dtype
 from .images import pil_to_tensor
 from .pipelines import StableDiffusion
-from .schedules import alphas_cumprod_from_config, q_sample
+from .schedules import alphas_cumprod_from_config, check_prediction_type, q_sample
 from .vae import AutoencoderKL, DiagonalGaussian
 
 logger = logging.getLogger(__name__)
@@ -212,14 +212,13 @@ def diffusion_loss(
     ε-prediction regresses ``noise``; v-prediction regresses v = √ᾱ_t·ε − √(1−ᾱ_t)·x0
     (Salimans & Ho 2022, sec. 4), the target SD 2.x's 768-px model was trained on.
     """
+    check_prediction_type(prediction_type)
     x_t = q_sample(x0, t, noise, alphas_cumprod)
     if prediction_type == "epsilon":
         target = noise
-    elif prediction_type == "v_prediction":
+    else:
         alpha_cumprod = alphas_cumprod.to(x0.device)[t].reshape(-1, *([1] * (x0.ndim - 1)))
         target = alpha_cumprod.sqrt() * noise - (1 - alpha_cumprod).sqrt() * x0
-    else:
-        raise ValueError(f"Unknown prediction type {prediction_type!r}: choose epsilon or v_prediction.")
     return F.mse_loss(unet(x_t, t, context).float(), target.float())
 
 

@@ -22,8 +22,8 @@ from PIL import Image
 
 from stable_diffusion.images import grid, save_png
 from stable_diffusion.pipelines import Generation, GenerationCancelled, StableDiffusion
-from stable_diffusion.request import SAMPLER_LABELS, GenerationRequest
-from stable_diffusion.samplers import SAMPLER_NAMES
+from stable_diffusion.request import GenerationRequest
+from stable_diffusion.samplers import SAMPLERS
 
 from .errors import user_error
 from .served import ServedModel, gpu
@@ -57,7 +57,7 @@ class Controls:
         self.prompt = gr.Textbox(label="Prompt", lines=2, placeholder=placeholder, elem_id=f"{prefix}-prompt")
         self.negative_prompt = gr.Textbox(value="", label="Negative prompt", lines=1, elem_id=f"{prefix}-negative-prompt")
         with gr.Row():
-            self.sampler = gr.Dropdown([(SAMPLER_LABELS.get(name, name), name) for name in SAMPLER_NAMES],
+            self.sampler = gr.Dropdown([(spec.label, name) for name, spec in SAMPLERS.items()],
                                        value="dpmpp_2m_karras", label="Sampler", elem_id=f"{prefix}-sampler")
             self.steps = gr.Slider(1, MAX_STEPS, value=20, step=1, precision=0, label="Steps", elem_id=f"{prefix}-steps")
             self.guidance_scale = gr.Slider(0, 20, value=7.5, step=0.5, label="Guidance scale (CFG)")

@@ -310,6 +310,18 @@ def _res_block(in_channels: int, out_channels: int, config: UNetConfig) -> ResBl
     )
 
 
+def _transformers(channels: int, count: int, *, level: int, config: UNetConfig) -> nn.ModuleList | None:
+    """The spatial transformers of a level, one after each of its ResBlocks (None: a level without attention)."""
+    if not config.attention_levels[level]:
+        return None
+    return nn.ModuleList(
+        SpatialTransformer(
+            channels, num_heads=config.num_heads[level], num_layers=config.transformer_layers_per_block[level], config=config
+        )
+        for _ in range(count)
+    )
+
+
 class DownBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, *, level: int, config: UNetConfig) -> None:
         super().__init__()
@@ -317,19 +329,7 @@ class DownBlock(nn.Module):
         self.resnets = nn.ModuleList(
             _res_block(in_channels if i == 0 else out_channels, out_channels, config) for i in range(layers)
         )
-        self.attentions = (
-            nn.ModuleList(
-                SpatialTransformer(
-                    out_channels,
-                    num_heads=config.num_heads[level],
-                    num_layers=config.transformer_layers_per_block[level],
-                    config=config,
-                )
-                for _ in range(layers)
-            )
-            if config.attention_levels[level]
-            else None
-        )
+        self.attentions = _transformers(out_channels, layers, level=level, config=config)
         is_last = level == len(config.block_out_channels) - 1
         self.downsample = None if is_last else Downsample(out_channels)
 
@@ -388,19 +388,7 @@ class UpBlock(nn.Module):
             )
             for i in range(layers)
         )
-        self.attentions = (
-            nn.ModuleList(
-                SpatialTransformer(
-                    out_channels,
-                    num_heads=config.num_heads[level],
-                    num_layers=config.transformer_layers_per_block[level],
-                    config=config,
-                )
-                for _ in range(layers)
-            )
-            if config.attention_levels[level]
-            else None
-        )
+        self.attentions = _transformers(out_channels, layers, level=level, config=config)
         self.upsample = None if level == 0 else Upsample(out_channels)
 
     def forward(

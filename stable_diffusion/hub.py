@@ -25,12 +25,13 @@ Every failure a user can act on raises ``ModelLoadError`` with a paragraph that 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import os
 import zipfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -580,10 +581,18 @@ def _shard_pattern(index_file: str) -> str:
 
 def _snapshot(repo_id: str, *, revision: str | None, token: str | bool | None, allow_patterns: list[str]) -> Path:
     """``snapshot_download`` with the Hub's failures turned into ModelLoadError."""
-    try:
+    with hub_errors(repo_id, revision=revision):
         return Path(
             huggingface_hub.snapshot_download(repo_id, revision=revision, token=token, allow_patterns=allow_patterns)
         )
+
+
+@contextlib.contextmanager
+def hub_errors(repo_id: str, *, revision: str | None = None) -> Iterator[None]:
+    """Turns the Hub's failures inside the block (a download from ``repo_id``) into ModelLoadError
+    with a paragraph that says what to do."""
+    try:
+        yield
     except HFValidationError as error:
         raise ModelLoadError(
             f'{repo_id!r} is neither an existing file or folder nor a valid Hub repo id ("org/name"): {error}'

@@ -31,7 +31,7 @@ import json
 import logging
 import os
 import zipfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +104,7 @@ def load(
     revision: str | None = None,
     token: str | bool | None = None,
     tiny_vae: str | os.PathLike | None = None,
+    lora_dirs: Sequence[str | os.PathLike] = (),
 ) -> StableDiffusion:
     """Load a Stable Diffusion 1.x / 2.x model from a Hub repo id, a local folder or a single file.
 
@@ -119,6 +120,7 @@ def load(
     revision, token: the Hub revision (branch, tag or commit) and access token (default: HF_TOKEN).
     tiny_vae: also load the tiny autoencoder TAESD from this source (see ``load_tiny_vae``; e.g.
         ``DEFAULT_TINY_VAE``) into ``pipe.tiny_vae``, for fast decoding and live previews.
+    lora_dirs: folders where a prompt's ``<lora:NAME:WEIGHT>`` tags find ``NAME.safetensors``.
 
     Raises ModelLoadError for anything the user can fix (network, missing files, wrong files).
     """
@@ -150,6 +152,7 @@ def load(
     if tiny is not None:
         _check_tiny_vae_fits(tiny, pipe.vae, source=os.fspath(tiny_vae), model=pipe.name)
         pipe.tiny_vae = tiny
+    pipe.lora_dirs = tuple(lora_dirs)
     return pipe
 
 

@@ -44,6 +44,7 @@ import logging
 import math
 import os
 import re
+import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -318,17 +319,57 @@ def _alpha(
 
 
 # ------------------------------------------------------------------------ the stack
+class SharedExclusiveLock:
+    """Many holders of the shared side at once, or one of the exclusive side (a readers-writer lock).
+
+    Generations read the network weights (shared); loading a LoRA writes them (exclusive).
+    Writers are preferred, so a stream of generations cannot starve a LoRA request.
+    """
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._readers = 0
+        self._writing = False
+        self._writers_waiting = 0
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._condition:
+            self._condition.wait_for(lambda: not self._writing and not self._writers_waiting)
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._readers -= 1
+                self._condition.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._condition:
+            self._writers_waiting += 1
+            self._condition.wait_for(lambda: not self._writing and not self._readers)
+            self._writers_waiting -= 1
+            self._writing = True
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._writing = False
+                self._condition.notify_all()
+
+
 class LoraStack:
     """The LoRAs merged into one text encoder and one UNet, and the original weights they replaced.
 
-    Thread safety: the stack changes the weights the networks compute with, in place, and takes no
-    lock. The caller must hold one lock around every ``load``, ``unload`` and ``applied`` block
-    and around every forward pass of these networks that may overlap one of them. A request run
-    inside ``applied`` sees its LoRAs; so would any other request running at the same time, so the
-    pipeline must run such a request alone (one lock around each whole generation does it).
+    Thread safety: the stack changes the weights the networks compute with, in place. ``load`` and
+    ``unload`` hold its lock exclusively; every generation runs inside ``applied``, which holds it
+    shared when the request names no LoRA (such requests run side by side) and exclusively while
+    a request's own LoRAs are merged (that request runs alone, so its LoRAs reach no other).
     """
 
     def __init__(self, *, text_encoder: nn.Module, unet: nn.Module) -> None:
+        self._lock = SharedExclusiveLock()
         self._networks = {"text_encoder": text_encoder, "unet": unet}
         self._loaded: dict[str, tuple[Lora, dict[str, float]]] = {}  # name -> (LoRA, scale per network), in order
         self._originals: dict[tuple[str, str], torch.Tensor] = {}  # CPU copies of the changed weights
@@ -362,37 +403,45 @@ class LoraStack:
         """
         lora = self.read(source, name=name, weight_name=weight_name, allow_pickle=allow_pickle)
         text_encoder_scale = scale if text_encoder_scale is None else text_encoder_scale
-        self._add(lora, {"text_encoder": text_encoder_scale, "unet": scale if unet_scale is None else unet_scale})
+        with self._lock.exclusive():
+            self._add(lora, {"text_encoder": text_encoder_scale, "unet": scale if unet_scale is None else unet_scale})
         return lora.name
 
     def unload(self, name: str | None = None) -> None:
         """Takes out the LoRA called ``name`` (None: all of them); its weights return to exactly what
         they would be had it never been loaded."""
-        if name is not None and name not in self._loaded:
-            raise LoraError(f"no LoRA named {name!r} is loaded; loaded: {', '.join(self._loaded) or 'none'}")
-        self._remove([name] if name is not None else list(self._loaded))
+        with self._lock.exclusive():
+            if name is not None and name not in self._loaded:
+                raise LoraError(f"no LoRA named {name!r} is loaded; loaded: {', '.join(self._loaded) or 'none'}")
+            self._remove([name] if name is not None else list(self._loaded))
 
     @contextmanager
     def applied(
         self, tags: Sequence[LoraTagLike], *, lora_dirs: Sequence[str | os.PathLike], allow_pickle: bool = False
     ) -> Iterator[None]:
-        """Merges the LoRAs a request's prompt names (``prompts.extract_lora_tags``), found in
-        ``lora_dirs``, for the duration of the ``with`` block; afterwards the weights are exactly
-        what they were before. Every tag is resolved and checked before any weight changes.
+        """Runs the ``with`` block (a generation) with the LoRAs a request's prompt names
+        (``prompts.extract_lora_tags``), found in ``lora_dirs``, merged; afterwards the weights are
+        exactly what they were before. Every tag is resolved and checked before any weight changes.
+        Without tags the block runs beside other such blocks; with tags, alone.
         """
+        if not tags:
+            with self._lock.shared():
+                yield
+            return
         files = [find_lora(tag.name, lora_dirs) for tag in tags]
         loras = [
             self.read(file, name=f"<lora:{tag.name}> #{i}", allow_pickle=allow_pickle)
             for i, (tag, file) in enumerate(zip(tags, files, strict=True))
         ]
-        added: list[str] = []
-        try:
-            for lora, tag in zip(loras, tags, strict=True):
-                self._add(lora, {"text_encoder": tag.text_encoder_weight, "unet": tag.unet_weight})
-                added.append(lora.name)
-            yield
-        finally:
-            self._remove(added)
+        with self._lock.exclusive():
+            added: list[str] = []
+            try:
+                for lora, tag in zip(loras, tags, strict=True):
+                    self._add(lora, {"text_encoder": tag.text_encoder_weight, "unet": tag.unet_weight})
+                    added.append(lora.name)
+                yield
+            finally:
+                self._remove(added)
 
     # ---------------------------------------------------------------- reading
     def read(

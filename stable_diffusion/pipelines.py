@@ -25,8 +25,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import os
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -36,6 +37,7 @@ from PIL import Image
 from . import denoisers, prompts, samplers, schedules
 from .clip import CLIPTextModel
 from .layers import guidance_scale_embedding
+from .lora import LoraStack
 from .images import checked_image, native_area_size, pil_to_tensor, tensor_to_pil
 from .previews import CHEAP_DECODE_PARAMETERS, LatentRGB
 from .request import GenerationRequest, InvalidSetting
@@ -123,10 +125,13 @@ class StableDiffusion:
     tiny_vae: TinyAutoencoder | None = None  # TAESD (taesd.py): a fast decoder, for previews and decoder="tiny"
     max_pixels: int = 1024 * 1024
     max_images: int = 8
+    lora_dirs: Sequence[str | os.PathLike] = ()  # where <lora:NAME:WEIGHT> tags look for NAME
     # Fitted once here, read-only afterwards: safe to share between threads.
     _latent_rgb: LatentRGB | None = field(default=None, init=False, repr=False)
+    _loras: LoraStack = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        self._loras = LoraStack(text_encoder=self.text_encoder, unet=self.unet)
         if sum(p.numel() for p in self.vae.parameters()) >= CHEAP_DECODE_PARAMETERS:
             self._latent_rgb = LatentRGB.fit(
                 self._decode_unscaled,
@@ -206,16 +211,24 @@ class StableDiffusion:
         callback: StepCallback | None = None,
         cancel: CancelToken | None = None,
     ) -> Generation:
-        """The one generation path: text-to-image, or image-to-image when ``image`` is given."""
+        """The one generation path: text-to-image, or image-to-image when ``image`` is given.
+
+        ``<lora:NAME:WEIGHT>`` tags in the prompt apply that LoRA (found in ``lora_dirs``) to this
+        request only: it runs alone, and the weights are restored exactly afterwards.
+        """
         image = None if image is None else checked_image(image)
-        width, height = self._size(request, image)
-        plan = self._check(request, width, height)
+        width, height = _request_size(self, request, image)
+        plan = _checked_plan(self, request, width, height)
         mode = _TextToImage(width, height) if image is None else _ImageToImage(_pixels(image, width, height))
         if request.seed is None:
             request = dataclasses.replace(request, seed=secrets.randbelow(2**32))
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in request.seeds]
-        x = mode.initial_latents(self, plan, generators)
-        latents = self._denoise(plan, x, request, generators, _step_hook(callback, cancel))
+        text, tags = prompts.extract_lora_tags(request.prompt)
+        with self._loras.applied(tags, lora_dirs=self.lora_dirs):
+            x = mode.initial_latents(self, plan, generators)
+            # The text encoder sees the prompt without its tags; the PNG keeps it as typed.
+            latents = self._denoise(plan, x, dataclasses.replace(request, prompt=text), generators,
+                                    _step_hook(callback, cancel))
         images = self.decode(latents, decoder=request.decoder)
         label = samplers.SAMPLERS[request.sampler].label
         parameters = [
@@ -223,6 +236,25 @@ class StableDiffusion:
             for seed in request.seeds
         ]
         return Generation(images, request.seeds, parameters)
+
+    # ---------------------------------------------------------------- LoRA
+    def load_lora(self, source: str | os.PathLike, scale: float = 1.0, *, name: str | None = None, **options: Any) -> str:
+        """Merge a LoRA into the weights until :meth:`unload_lora`; returns the name it is loaded under.
+
+        ``source``: a file, a folder, or a Hub repo id (``weight_name=`` picks the file). Several
+        LoRAs stack. ``options``: ``text_encoder_scale``, ``unet_scale``, ``weight_name``,
+        ``allow_pickle`` (see ``lora.LoraStack.load``).
+        """
+        return self._loras.load(source, scale, name=name, **options)
+
+    def unload_lora(self, name: str | None = None) -> None:
+        """Remove one loaded LoRA (or all): the weights become exactly what they were without it."""
+        self._loras.unload(name)
+
+    @property
+    def loras(self) -> list[str]:
+        """The names of the loaded LoRAs."""
+        return self._loras.names
 
     # ---------------------------------------------------------------- the networks
     def encode_prompt(self, prompt: str, *, clip_skip: int = 1, num_windows: int | None = None) -> torch.Tensor:
@@ -279,48 +311,6 @@ class StableDiffusion:
         return self._latent_rgb(x0_latents / self.vae.config.scaling_factor)
 
     # ---------------------------------------------------------------- the steps
-    def _size(self, request: GenerationRequest, image: Image.Image | None) -> tuple[int, int]:
-        """The request's size; by default the native size, or the input's aspect ratio at the native area."""
-        width, height = request.width, request.height
-        if image is None:
-            return width or self.native_size, height or self.native_size
-        if width is None and height is None:
-            return native_area_size(image.size, self.native_size)
-        if width is None:
-            width = max(8, round(image.width * height / image.height / 8) * 8)
-        elif height is None:
-            height = max(8, round(image.height * width / image.width / 8) * 8)
-        return width, height
-
-    def _check(self, request: GenerationRequest, width: int, height: int) -> SamplingPlan:
-        """Check ``request`` against this model's limits; return its sampling plan (which checks sampler and steps)."""
-        if width * height > self.max_pixels:
-            side = int(self.max_pixels**0.5) // 8 * 8
-            raise InvalidSetting(
-                "size",
-                f"{width}x{height} is {width * height} pixels, over this server's budget of {self.max_pixels} "
-                f"(e.g. {side}x{side}). Use a smaller size.",
-            )
-        if request.num_images > self.max_images:
-            raise InvalidSetting("num_images", f"must be from 1 to {self.max_images}, got {request.num_images}.")
-        max_skip = self.text_encoder.config.num_layers - 1
-        if request.clip_skip > max_skip:
-            raise InvalidSetting("clip_skip", f"must be from 1 (last layer) to {max_skip} for this text encoder, got {request.clip_skip}.")
-        if request.decoder == "tiny" and self.tiny_vae is None:
-            raise InvalidSetting(
-                "decoder",
-                "'tiny' needs the tiny autoencoder: load the model with tiny_vae='madebyollin/taesd' "
-                "(or a local TAESD folder), or use the full decoder.",
-            )
-        for setting, text in (("prompt", request.prompt), ("negative_prompt", request.negative_prompt)):
-            windows = len(self._windows(text))
-            if windows > MAX_PROMPT_WINDOWS:
-                raise InvalidSetting(
-                    setting, f"is too long: {windows * 75} tokens or more, the limit is {MAX_PROMPT_WINDOWS * 75}. Shorten it."
-                )
-        strength = 1.0 if request.strength is None else request.strength
-        return samplers.plan_sampling(self.scheduler, request.sampler, request.steps, strength=strength)
-
     def _denoise(
         self,
         plan: SamplingPlan,
@@ -382,6 +372,49 @@ class StableDiffusion:
 
     def _windows(self, text: str) -> list[prompts.TokenWindow]:
         return prompts.token_windows(self.tokenizer, text, length=self.text_encoder.config.max_position_embeddings)
+
+
+def _request_size(pipe: StableDiffusion, request: GenerationRequest, image: Image.Image | None) -> tuple[int, int]:
+    """The request's size; by default the native size, or the input's aspect ratio at the native area."""
+    width, height = request.width, request.height
+    if image is None:
+        return width or pipe.native_size, height or pipe.native_size
+    if width is None and height is None:
+        return native_area_size(image.size, pipe.native_size)
+    if width is None:
+        width = max(8, round(image.width * height / image.height / 8) * 8)
+    elif height is None:
+        height = max(8, round(image.height * width / image.width / 8) * 8)
+    return width, height
+
+def _checked_plan(pipe: StableDiffusion, request: GenerationRequest, width: int, height: int) -> SamplingPlan:
+    """Check ``request`` against this model's limits; return its sampling plan (which checks sampler and steps)."""
+    if width * height > pipe.max_pixels:
+        side = int(pipe.max_pixels**0.5) // 8 * 8
+        raise InvalidSetting(
+            "size",
+            f"{width}x{height} is {width * height} pixels, over this server's budget of {pipe.max_pixels} "
+            f"(e.g. {side}x{side}). Use a smaller size.",
+        )
+    if request.num_images > pipe.max_images:
+        raise InvalidSetting("num_images", f"must be from 1 to {pipe.max_images}, got {request.num_images}.")
+    max_skip = pipe.text_encoder.config.num_layers - 1
+    if request.clip_skip > max_skip:
+        raise InvalidSetting("clip_skip", f"must be from 1 (last layer) to {max_skip} for this text encoder, got {request.clip_skip}.")
+    if request.decoder == "tiny" and pipe.tiny_vae is None:
+        raise InvalidSetting(
+            "decoder",
+            "'tiny' needs the tiny autoencoder: load the model with tiny_vae='madebyollin/taesd' "
+            "(or a local TAESD folder), or use the full decoder.",
+        )
+    for setting, text in (("prompt", request.prompt), ("negative_prompt", request.negative_prompt)):
+        windows = len(pipe._windows(text))
+        if windows > MAX_PROMPT_WINDOWS:
+            raise InvalidSetting(
+                setting, f"is too long: {windows * 75} tokens or more, the limit is {MAX_PROMPT_WINDOWS * 75}. Shorten it."
+            )
+    strength = 1.0 if request.strength is None else request.strength
+    return samplers.plan_sampling(pipe.scheduler, request.sampler, request.steps, strength=strength)
 
 
 def _pixels(image: Image.Image, width: int, height: int) -> torch.Tensor:

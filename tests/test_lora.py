@@ -14,10 +14,12 @@ compute the same sums up to their order. Unloading must restore every weight bit
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from conftest import build_tiny_reference_pipeline
@@ -645,3 +647,48 @@ def test_each_family_at_sd15_shapes(tmp_path: Path, hub_layouts: Path) -> None:
         assert relative_error(ours_output, reference_output) <= TOL
     for family in ("ldm", "peft"):
         assert all(torch.equal(a, b) for a, b in zip(results[family], results["kohya"], strict=True))
+
+
+# ------------------------------------------------------------------------ through the pipeline
+def test_pipeline_tag_equals_load_lora_and_leaks_into_nothing(folders, tmp_path: Path) -> None:
+    """``<lora:NAME:W>`` in a prompt = ``pipe.load_lora(NAME, W)`` for that request only."""
+    import threading
+
+    reference = build_tiny_reference_pipeline("sd1")
+    lora_dir = tmp_path / "loras"
+    lora_dir.mkdir()
+    path = write(lora_dir, "styled", kohya_keys(random_lora(reference, seed=21)))
+    pipe = load(folders["sd1"], device="cpu", dtype=torch.float32, lora_dirs=[lora_dir])
+    options = dict(width=32, height=32, steps=3, sampler="euler", seed=5)
+
+    def pixels(prompt: str, **extra) -> np.ndarray:
+        return np.asarray(pipe.text_to_image(prompt, **options, **extra).images[0])
+
+    plain = pixels("a cat")
+    tagged = pipe.text_to_image("a cat <lora:styled:0.7>", **options)
+    assert tagged.parameters[0].startswith("a cat <lora:styled:0.7>\n")  # the prompt as typed
+    assert pipe.loras == [] and np.array_equal(pixels("a cat"), plain)  # nothing leaks into the next request
+    assert pipe.load_lora(path, 0.7) == "styled"
+    np.testing.assert_array_equal(np.asarray(tagged.images[0]), pixels("a cat"))
+    pipe.unload_lora()
+    np.testing.assert_array_equal(pixels("a cat"), plain)
+    assert not np.array_equal(np.asarray(tagged.images[0]), plain)
+
+    # A request without tags that starts while a tagged one runs never sees its LoRA.
+    started, results = threading.Event(), {}
+
+    def slow(step: int, total: int, x0) -> None:
+        started.set()
+        time.sleep(0.2)
+
+    tagged_run = threading.Thread(target=lambda: results.setdefault(
+        "tagged", pipe.text_to_image("a cat <lora:styled:0.7>", **options, callback=slow)))
+    tagged_run.start()
+    started.wait(10)
+    results["plain"] = pixels("a cat")
+    tagged_run.join()
+    np.testing.assert_array_equal(results["plain"], plain)
+    np.testing.assert_array_equal(np.asarray(results["tagged"].images[0]), np.asarray(tagged.images[0]))
+
+    with pytest.raises(LoraError, match="unknown LoRA 'nope'.*Available: styled"):
+        pipe.text_to_image("a cat <lora:nope:1>", **options)

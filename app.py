@@ -26,6 +26,7 @@ from stable_diffusion.devices import default_dtype, parse_device, parse_dtype
 from stable_diffusion.hub import DEFAULT_MODEL, ModelLoadError, load
 from webui.generation import generation_tab
 from webui.noise import noise_tab
+from webui.sdapi import api_routes, parse_logins
 from webui.served import ServedModel
 
 logger = logging.getLogger("app")
@@ -49,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, help="port (default: $GRADIO_SERVER_PORT, else 7860)")
     parser.add_argument("--share", action="store_true", help="also serve on a public gradio.live link")
     parser.add_argument("--auth", metavar="USER:PASSWORD", help="require this login (recommended with --share)")
+    parser.add_argument("--api-auth", metavar="USER:PASSWORD[,...]",
+                        help="require this login (HTTP basic auth) on the web UI's REST API /sdapi/v1 "
+                             "(--auth logins work there too)")
+    parser.add_argument("--no-api", action="store_true", help="do not serve the web UI's REST API /sdapi/v1")
     return parser
 
 
@@ -59,7 +64,7 @@ def load_model(source: str, *, device: torch.device, dtype: torch.dtype) -> Serv
     without that it still starts: the noise tab needs no model.
     """
     try:
-        return ServedModel(load(source, device=device, dtype=dtype))
+        return ServedModel(load(source, device=device, dtype=dtype), source=source)
     except ModelLoadError as error:
         logger.warning("Could not load %s: %s", source, error)
         reason = f"Could not load `{source}`: {error}"
@@ -72,6 +77,7 @@ def load_model(source: str, *, device: torch.device, dtype: torch.dtype) -> Serv
         load(str(TINY_MODEL), device=device, dtype=dtype),
         f"{reason}\n\nRunning the bundled tiny model `models/tiny-shapes` instead: it draws one coloured shape "
         "on a coloured background, e.g. *a red circle on a blue background*.",
+        source=str(TINY_MODEL),
     )
 
 
@@ -119,6 +125,10 @@ def main(argv: list[str] | None = None) -> None:
             parser.error("--auth must be USER:PASSWORD, both non-empty")
         auth = (user, password)
     try:
+        api_logins = [] if args.api_auth is None else parse_logins(args.api_auth)
+    except ValueError as error:
+        parser.error(str(error))
+    try:
         device = parse_device(args.device)
         dtype = parse_dtype(args.dtype) or default_dtype(device)
     except ValueError as error:
@@ -128,8 +138,13 @@ def main(argv: list[str] | None = None) -> None:
     if served.pipe is not None:
         logger.info("Serving %s on %s", served.pipe.name, served.pipe.device)
     demo = build_demo(served)
+    # The web UI's REST API on the same FastAPI server (webui/sdapi.py); --auth protects it too.
+    routes = [] if args.no_api else api_routes(served, logins=api_logins + ([auth] if auth else []),
+                                                checkpoints=[str(TINY_MODEL)] if TINY_MODEL.is_dir() else [])
+    # ssr_mode=False: a Node front server (GRADIO_SSR_MODE) would not pass /sdapi/v1 on to this one.
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
-                allowed_paths=[str(EXAMPLES_DIR)], theme=gr.themes.Soft())
+                allowed_paths=[str(EXAMPLES_DIR)], theme=gr.themes.Soft(), app_kwargs={"routes": routes},
+                ssr_mode=False)
 
 
 if __name__ == "__main__":

@@ -21,11 +21,11 @@ import torch
 from PIL import Image
 
 from stable_diffusion.images import grid, save_png
-from stable_diffusion.pipelines import Generation, GenerationCancelled, StableDiffusion
+from stable_diffusion.pipelines import Generation, GenerationCancelled
 from stable_diffusion.request import GenerationRequest
 from stable_diffusion.samplers import SAMPLERS
 
-from .errors import user_error
+from .errors import RequestError, user_error
 from .served import ServedModel, gpu
 
 __all__ = ["GENERATION_CONCURRENCY", "MAX_IMAGES", "MAX_STEPS", "generation_tab"]
@@ -172,14 +172,14 @@ def _stream(served: ServedModel, prompt: str, settings: dict[str, Any], image: I
     generator (the user pressed Stop or went away), ``finally`` sets the cancel event and the
     pipeline stops at its next step.
     """
-    pipe = served.require()
+    served.require()
     try:
         request = _request(prompt, settings)
     except ValueError as error:
         raise user_error(error) from None
     updates: queue.Queue = queue.Queue()
     cancel = threading.Event()
-    threading.Thread(target=_work, args=(pipe, request, image, updates, cancel), name="generation", daemon=True).start()
+    threading.Thread(target=_work, args=(served, request, image, updates, cancel), name="generation", daemon=True).start()
     try:
         while True:
             update = updates.get()
@@ -188,6 +188,8 @@ def _stream(served: ServedModel, prompt: str, settings: dict[str, Any], image: I
             kind, *payload = update
             if kind == "error":
                 raise user_error(payload[0])
+            if kind == "stopped":  # by POST /sdapi/v1/interrupt: the page's own Stop closes this generator first
+                raise RequestError(f"Stopped before the end: {payload[0]}.")
             if kind == "done":
                 break
             step, total, preview = payload
@@ -201,15 +203,16 @@ def _stream(served: ServedModel, prompt: str, settings: dict[str, Any], image: I
         cancel.set()
 
 
-def _work(pipe: StableDiffusion, request: GenerationRequest, image: Image.Image | None, updates: queue.Queue,
+def _work(served: ServedModel, request: GenerationRequest, image: Image.Image | None, updates: queue.Queue,
           cancel: threading.Event) -> None:
-    def on_step(step: int, total: int, x0_latents: torch.Tensor) -> None:
-        updates.put(("step", step, total, _enlarged(grid(pipe.preview(x0_latents)))))
+    def on_step(step: int, total: int, x0_latents: torch.Tensor) -> None:  # runs in the job's turn: pipe is fixed
+        updates.put(("step", step, total, _enlarged(grid(served.pipe.preview(x0_latents)))))
 
     try:
-        updates.put(("done", pipe.generate(request, image=image, callback=on_step, cancel=cancel)))
-    except GenerationCancelled as error:  # the user pressed Stop or left: nobody is listening
+        updates.put(("done", served.generate([request], door="page", image=image, callback=on_step, cancel=cancel)[0]))
+    except GenerationCancelled as error:  # the user pressed Stop or left, or an API client interrupted it
         logger.info("Generation stopped: %s", error)
+        updates.put(("stopped", error))
     except Exception as error:  # handed to the generator, which reports it on the page
         updates.put(("error", error))
 

@@ -1,4 +1,4 @@
-"""Gradio demo of the from-scratch Stable Diffusion: text to image, image to image, noise schedules.
+"""Gradio demo of the from-scratch Stable Diffusion: text to image, image to image, noise schedules, PNG info.
 
 Runs as a Hugging Face Space (python app.py, which is what a Space runs) or locally:
 
@@ -25,7 +25,9 @@ import torch
 from stable_diffusion.devices import default_dtype, parse_device, parse_dtype
 from stable_diffusion.hub import DEFAULT_MODEL, ModelLoadError, load
 from webui.generation import generation_tab
+from webui.inputs import refuse_decompression_bombs
 from webui.noise import noise_tab
+from webui.png_info import png_info_tab
 from webui.sdapi import api_routes, parse_logins
 from webui.served import ServedModel
 
@@ -36,6 +38,15 @@ EXAMPLES_DIR = HERE / "examples"
 TINY_MODEL = HERE / "models" / "tiny-shapes"
 TITLE = "Stable Diffusion from scratch"
 MAX_QUEUE = 32
+# Page fixes, checked at 1400 px by tests/test_browser.py. Gradio floats a plot's or a gallery's
+# label over its top-left corner, where it hides the plot's title and the first thumbnails: class
+# "label-above" puts it above them. A slider's number box is wide enough for 8 digits, which
+# leaves its label too little room on a half-width row: 4 digits and the spin buttons are enough.
+CSS = """
+.label-above > label[data-testid="block-label"] { position: static; margin-bottom: var(--spacing-md); }
+.bottom-aligned { align-items: flex-end; }
+input[data-testid="number-input"] { width: 6em; }
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,17 +96,22 @@ def build_demo(served: ServedModel) -> gr.Blocks:
     """The whole page, serving ``served``."""
     examples = json.loads((EXAMPLES_DIR / "examples.json").read_text())
     prompts = examples["tiny_shapes" if served.is_tiny_shapes else "stable_diffusion"]
+    refuse_decompression_bombs()
     with gr.Blocks(title=TITLE, delete_cache=(3600, 3600)) as demo:
         gr.Markdown(_header(served))
-        with gr.Tab("Text to image", id="text-to-image"):
-            generation_tab(served, prefix="t2i", takes_image=False, placeholder=prompts["placeholder"],
-                           examples=prompts["text_to_image"])
-        with gr.Tab("Image to image", id="image-to-image"):
-            generation_tab(served, prefix="i2i", takes_image=True, placeholder=prompts["placeholder"],
-                           examples=[[str(EXAMPLES_DIR / e["image"]), e["prompt"], e["strength"]]
-                                     for e in prompts["image_to_image"]])
-        with gr.Tab("Noise schedule", id="noise-schedule"):
-            noise_tab(served, examples["noise_schedule"], EXAMPLES_DIR)
+        with gr.Tabs() as tabs:
+            with gr.Tab("Text to image", id="text-to-image"):
+                text_to_image = generation_tab(served, prefix="t2i", takes_image=False,
+                                               placeholder=prompts["placeholder"], examples=prompts["text_to_image"])
+            with gr.Tab("Image to image", id="image-to-image"):
+                generation_tab(served, prefix="i2i", takes_image=True, placeholder=prompts["placeholder"],
+                               examples=[[str(EXAMPLES_DIR / e["image"]), e["prompt"], e["strength"]]
+                                         for e in prompts["image_to_image"]])
+            with gr.Tab("Noise schedule", id="noise-schedule"):
+                noise_tab(served, examples["noise_schedule"], EXAMPLES_DIR)
+            with gr.Tab("PNG info", id="png-info"):
+                png_info_tab(text_to_image, tabs=tabs, target_tab="text-to-image",
+                             examples=[str(EXAMPLES_DIR / path) for path in examples["png_info"]])
     demo.queue(max_size=MAX_QUEUE)
     return demo
 
@@ -143,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
                                                 checkpoints=[str(TINY_MODEL)] if TINY_MODEL.is_dir() else [])
     # ssr_mode=False: a Node front server (GRADIO_SSR_MODE) would not pass /sdapi/v1 on to this one.
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
-                allowed_paths=[str(EXAMPLES_DIR)], theme=gr.themes.Soft(), app_kwargs={"routes": routes},
+                allowed_paths=[str(EXAMPLES_DIR)], theme=gr.themes.Soft(), css=CSS, app_kwargs={"routes": routes},
                 ssr_mode=False)
 
 

@@ -10,9 +10,18 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+from PIL.PngImagePlugin import PngInfo
 
 SIZE = 512
 FOLDER = Path(__file__).parent / "images"
+# The PNG info tab's example: parameters as the AUTOMATIC1111 web UI writes them (v1.10, with its
+# separate schedule type and model hash), to show that its PNGs are read, not only ours.
+WEB_UI_PARAMETERS = (
+    "a red circle on a blue background\n"
+    "Negative prompt: a green background\n"
+    "Steps: 24, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 6.5, Seed: 1234, Size: 512x512, "
+    "Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Version: v1.10.1"
+)
 
 
 def sunset() -> Image.Image:
@@ -59,10 +68,20 @@ def house() -> Image.Image:
     return image
 
 
+def circle() -> Image.Image:
+    """A red circle on blue, the picture WEB_UI_PARAMETERS describes."""
+    image = Image.new("RGB", (SIZE, SIZE), (40, 70, 200))
+    ImageDraw.Draw(image).ellipse((136, 136, 376, 376), fill=(215, 35, 35))
+    return image
+
+
 def main() -> None:
     FOLDER.mkdir(parents=True, exist_ok=True)
     for name, draw in (("sunset", sunset), ("shapes", shapes), ("house", house), ("square", square)):
         draw().save(FOLDER / f"{name}.png", optimize=True)
+    info = PngInfo()
+    info.add_text("parameters", WEB_UI_PARAMETERS)
+    circle().save(FOLDER / "web-ui-parameters.png", optimize=True, pnginfo=info)
 
 
 if __name__ == "__main__":

@@ -12,10 +12,12 @@ import contextlib
 import json
 import os
 import socket
+import struct
 import subprocess
 import sys
 import time
 import urllib.request
+import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -40,6 +42,8 @@ REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "app.py"
 TOKENIZER = REPO / "tests" / "fixtures" / "hub-layouts" / "stable-diffusion-v1-5" / "tokenizer"
 EXAMPLE_IMAGE = REPO / "examples" / "images" / "house.png"
+WEB_UI_EXAMPLE = REPO / "examples" / "images" / "web-ui-parameters.png"
+GENERIC_ERROR = "The upstream Gradio app has raised an exception"
 STARTUP_TIMEOUT_S = 180
 
 # Small and quick on two CPU cores; every request below uses these unless it tests something else.
@@ -302,37 +306,153 @@ def test_two_clients_at_once_get_their_own_results(app_url: str, tmp_path: Path)
         np.testing.assert_array_equal(together[seed], alone[seed])
 
 
-@pytest.mark.parametrize(
-    ("options", "message"),
-    [
-        (dict(steps=500), "greater than maximum value 100"),  # the component's bounds, checked by the server
-        (dict(num_images=9), "greater than maximum value 4"),
-        (dict(guidance_scale=-1.0), "less than minimum value 0"),
-        (dict(sampler="plms"), "not in the list of choices"),
-        (dict(width=68), "multiple of 8"),  # the pipeline's own checks
-        (dict(width=2048, height=2048), "greater than maximum value 1024"),  # the sliders stop at the budget
-        (dict(seed=-5), "less than minimum value -1"),
-    ],
-)
-def test_bad_inputs_give_an_error_and_the_worker_lives_on(client: Client, options: dict, message: str) -> None:
-    prompt = options.pop("prompt", "a red circle")
-    seed = options.pop("seed", 1)
-    with pytest.raises(AppError) as error:
-        text_to_image(client, prompt, seed=seed, **options)
-    assert message.lower() in str(error.value).lower()
+def hostile_files(folder: Path) -> dict[str, Path]:
+    """Uploads that are not usable images, each the kind a real user or a script sends by mistake."""
+    files = {"text": folder / "notes.txt", "empty": folder / "empty.png", "truncated": folder / "truncated.png",
+             "bomb": folder / "bomb.png"}
+    files["text"].write_text("not a picture\n")
+    files["empty"].write_bytes(b"")
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    noise.save(files["truncated"])
+    files["truncated"].write_bytes(files["truncated"].read_bytes()[:3000])
+    # A PNG header claiming 8000 x 8000 pixels (64 megapixels: over the app's 50, under PIL's own
+    # limit of 89, so this tests the app's policy) with almost no data behind it.
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", 8000, 8000, 8, 0, 0, 0, 0)
+    files["bomb"].write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(bytes(1000)))
+                              + chunk(b"IEND", b""))
+    return files
+
+
+def t2i_args(prompt: object = "a red circle", **options: object) -> list[object]:
+    settings = {**FAST, "seed": 1, **options}
+    return [prompt, *(settings[name] for name in ("negative_prompt", "sampler", "steps", "guidance_scale", "width",
+                                                  "height", "seed", "num_images"))]
+
+
+def i2i_args(image: object, **options: object) -> list[object]:
+    settings = {**FAST, "seed": 1, "strength": 0.6, **options}
+    return [image, settings["strength"], *t2i_args(**{k: v for k, v in settings.items() if k != "strength"})]
+
+
+def noise_args(image: object = None, **options: object) -> list[object]:
+    settings = {"schedule": "scaled_linear", "zero_snr": False, "num_train_timesteps": 1000, "timesteps": "0, 500",
+                "seed": 0, **options}
+    return [handle_file(str(image or EXAMPLE_IMAGE)), *settings.values()]
+
+
+def hostile_requests(files: dict[str, Path]) -> list[tuple[str, list[object], str]]:
+    """(endpoint, arguments, the message it must answer with): wrong types, ranges, choices and files."""
+    long_prompt = "a red circle, " * 20_000  # 280,000 characters
+    return [
+        ("/text_to_image", t2i_args(steps="abc"), "Steps must be a number from 1 to 100, got 'abc'"),
+        ("/text_to_image", t2i_args(guidance_scale="7.5"), "Guidance scale (CFG) must be a number from 0 to 20, got '7.5'"),
+        ("/text_to_image", t2i_args(width=None), "Width must be a number from 64 to 1024, got None"),
+        ("/text_to_image", t2i_args(seed="random"), "Seed (-1: random) must be a number of at least -1, got 'random'"),
+        ("/text_to_image", t2i_args(num_images=True), "Number of images must be a number from 1 to 4, got True"),
+        ("/text_to_image", t2i_args(steps=500), "Steps must be a number from 1 to 100, got 500"),
+        ("/text_to_image", t2i_args(num_images=9), "Number of images must be a number from 1 to 4, got 9"),
+        ("/text_to_image", t2i_args(guidance_scale=-1.0), "Guidance scale (CFG) must be a number from 0 to 20, got -1.0"),
+        ("/text_to_image", t2i_args(sampler="plms"), "Sampler must be one of ddpm, ddim, euler"),
+        ("/text_to_image", t2i_args(sampler=["euler"]), "Sampler must be one of ddpm"),
+        ("/text_to_image", t2i_args(width=68), "Width must be a multiple of 8, got 68: try 64 or 72"),
+        ("/text_to_image", t2i_args(width=2048, height=2048), "Width must be a number from 64 to 1024, got 2048"),
+        ("/text_to_image", t2i_args(seed=-5), "Seed (-1: random) must be a number of at least -1, got -5"),
+        ("/text_to_image", t2i_args(seed=2**63), "Seed must be a whole number from 0 to"),
+        ("/text_to_image", t2i_args(None), "The prompt must be text"),
+        ("/text_to_image", t2i_args(long_prompt), "The prompt is too long"),
+        ("/text_to_image", t2i_args(negative_prompt=long_prompt), "The negative prompt is too long"),
+        ("/image_to_image", i2i_args(handle_file(str(files["text"]))),
+         "Input image: notes.txt is not an image file this server can read"),
+        ("/image_to_image", i2i_args(handle_file(str(files["empty"]))), "Input image: empty.png is empty (0 bytes)"),
+        ("/image_to_image", i2i_args(handle_file(str(files["truncated"]))),
+         "Input image: truncated.png is damaged or cut short"),
+        ("/image_to_image", i2i_args(handle_file(str(files["bomb"]))),
+         "Input image: bomb.png has more than 50 megapixels, the most this server opens"),
+        ("/image_to_image", i2i_args(None), "No input image: upload or paste an image"),
+        ("/image_to_image", i2i_args(handle_file(str(EXAMPLE_IMAGE)), strength=0.0),
+         "Strength must be a number from 0.05 to 1, got 0.0"),
+        ("/noise_pixels", noise_args(files["bomb"]), "Image to noise: bomb.png has more than 50 megapixels"),
+        ("/noise_pixels", noise_args(files["text"]), "Image to noise: notes.txt is not an image file"),
+        ("/noise_pixels", noise_args(schedule="quadratic"),
+         "Schedule for the images must be one of linear, scaled_linear, cosine"),
+        ("/noise_pixels", noise_args(num_train_timesteps="abc"), "Training steps T must be a number from 10 to 4000"),
+        ("/noise_pixels", noise_args(timesteps="0, 1000"), "Timesteps must be from 0 to T−1 = 999; got [1000]"),
+        ("/noise_pixels", noise_args(timesteps="zero"), "Timesteps must be whole numbers separated by commas"),
+        ("/schedule_plot", ["linear", False, 1000], "Schedules to compare must be a list of some of linear"),
+        ("/schedule_plot", [[], False, 1000], "Pick at least one schedule"),
+        ("/png_info", [handle_file(str(files["truncated"]))],
+         "Image with parameters: truncated.png is damaged or cut short"),
+    ]
+
+
+def test_hostile_requests_get_specific_messages_and_the_server_lives_on(client: Client, app_log: Path,
+                                                                         tmp_path: Path) -> None:
+    log_start = len(app_log.read_text())
+    requests = hostile_requests(hostile_files(tmp_path))
+    assert len(requests) >= 20
+    for endpoint, args, message in requests:
+        with pytest.raises(AppError) as error:
+            client.predict(*args, api_name=endpoint)
+        assert message in str(error.value), f"{endpoint} {str(args)[:120]}: {error.value}"
+        assert GENERIC_ERROR not in str(error.value)
+    # The user's mistakes are not the server's: no traceback in its log.
+    assert "Traceback" not in app_log.read_text()[log_start:]
     gallery, _ = text_to_image(client, "a red circle", seed=1)
     assert gallery_images(gallery)[0].size == (64, 64)
 
 
-def test_bad_noise_tab_inputs(client: Client) -> None:
-    args = [handle_file(str(EXAMPLE_IMAGE)), "scaled_linear", False, 1000, "0, 1000", 0]
-    with pytest.raises(AppError, match="0 to T−1 = 999"):
-        client.predict(*args, api_name="/noise_pixels")
-    args[4] = "zero"
-    with pytest.raises(AppError, match="whole numbers"):
-        client.predict(*args, api_name="/noise_pixels")
-    with pytest.raises(AppError, match="at least one schedule"):
-        client.predict([], False, 1000, api_name="/schedule_plot")
+def test_non_finite_numbers_over_raw_http(app_url: str) -> None:
+    """JSON clients other than gradio_client can send NaN and Infinity, which pass every bounds check."""
+    def call(arguments: str) -> str:
+        request = urllib.request.Request(app_url + "gradio_api/call/text_to_image",
+                                         data=f'{{"data": [{arguments}]}}'.encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            event_id = json.load(response)["event_id"]
+        with urllib.request.urlopen(f"{app_url}gradio_api/call/text_to_image/{event_id}", timeout=60) as response:
+            return response.read().decode()
+
+    assert "Steps must be a number from 1 to 100, got nan" in call('"a red circle", "", "euler", NaN, 7.5, 64, 64, 1, 1')
+    assert "Guidance scale (CFG) must be a number from 0 to 20, got inf" in call(
+        '"a red circle", "", "euler", 3, Infinity, 64, 64, 1, 1')
+
+
+def test_every_setting_with_a_natural_default_has_one_in_the_api(client: Client) -> None:
+    api = client.view_api(print_info=False, return_format="dict")
+    required = {name: [p["parameter_name"] for p in endpoint["parameters"] if not p["parameter_has_default"]]
+                for name, endpoint in api["named_endpoints"].items()}
+    assert required == {"/text_to_image": [], "/image_to_image": ["image"], "/schedule_plot": [],
+                        "/noise_pixels": [], "/noise_latents": [], "/png_info": ["image"],
+                        "/parse_parameters": ["text"]}
+    gallery, _preview, parameters = client.predict("a red circle", api_name="/text_to_image")
+    assert gallery_images(gallery)[0].size == (64, 64)
+    assert "Steps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7.5" in parameters
+
+
+def test_png_info_reads_ours_and_the_web_uis(client: Client) -> None:
+    gallery, parameters = text_to_image(client, "a red circle", seed=5, negative_prompt="a blue square",
+                                        sampler="euler_a", steps=4, guidance_scale=6.0, width=72, height=64)
+    text, settings, note = client.predict(handle_file(gallery[0]["image"]), api_name="/png_info")
+    assert text == parameters and note == ""
+    assert settings == {"prompt": "a red circle", "negative_prompt": "a blue square", "sampler": "euler_a",
+                        "steps": 4, "guidance_scale": 6.0, "seed": 5, "width": 72, "height": 64}
+
+    # The AUTOMATIC1111 web UI's PNG (v1.10 writes the Karras schedule apart from the sampler).
+    text, settings, _ = client.predict(handle_file(str(WEB_UI_EXAMPLE)), api_name="/png_info")
+    assert text.startswith("a red circle on a blue background\nNegative prompt: a green background\nSteps: 24")
+    assert settings == {"prompt": "a red circle on a blue background", "negative_prompt": "a green background",
+                        "sampler": "dpmpp_2m_karras", "steps": 24, "guidance_scale": 6.5, "seed": 1234,
+                        "width": 512, "height": 512}
+    pasted = ('a cat, (detailed:1.2)\nNegative prompt: dog\nSteps: 30, Sampler: Euler a, CFG scale: 5, Seed: 7, '
+              'Size: 512x768, Clip skip: 2, Lora hashes: "a: 1, b: 2", Version: f2.0.1')
+    assert client.predict(pasted, api_name="/parse_parameters") == {
+        "prompt": "a cat, (detailed:1.2)", "negative_prompt": "dog", "sampler": "euler_a", "steps": 30,
+        "guidance_scale": 5.0, "seed": 7, "width": 512, "height": 768, "clip_skip": 2}
+
+    text, settings, note = client.predict(handle_file(str(EXAMPLE_IMAGE)), api_name="/png_info")
+    assert (text, settings) == ("", {}) and note.startswith("No generation parameters in this image")
 
 
 def test_starts_without_the_model_and_says_why(tmp_path: Path) -> None:
@@ -353,3 +473,41 @@ def test_bad_flag_exits_with_a_message() -> None:
                             timeout=120)
     assert result.returncode == 2
     assert "--auth must be USER:PASSWORD" in result.stderr
+
+
+@pytest.mark.parametrize(("device", "message"), [("cuda:99", "cuda"), ("tpu", "Unknown device 'tpu'")])
+def test_unusable_device_is_one_line_not_a_traceback(device: str, message: str) -> None:
+    # cuda:99: no CUDA on this machine, or no 100th GPU on one with CUDA; one line either way.
+    result = subprocess.run([sys.executable, str(APP), "--device", device], cwd=REPO, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("app.py: error:")]
+    assert len(errors) == 1 and message.lower() in errors[0].lower()
+    assert len(result.stderr.strip().splitlines()) <= 3, result.stderr  # the usage line(s) and the error
+
+
+def test_send_to_text_to_image_keeps_values_the_page_can_take() -> None:
+    import gradio as gr
+
+    from stable_diffusion.request import parse_parameters_text
+    from webui.generation import Controls
+    from webui.png_info import _updates
+    from webui.served import ServedModel
+
+    with gr.Blocks():  # no model: native 512 x 512, the pixel budget caps each side at 512
+        controls = Controls(ServedModel(None), prefix="t2i", auto_size=False, placeholder="")
+    fields = parse_parameters_text("a cat\nSteps: 150, Sampler: Heun, CFG scale: 25, Seed: 3, Size: 1024x500, "
+                                   "Clip skip: 2")
+    updates, notes = _updates(fields, controls)
+    assert {component.label: value for component, value in updates.items()} == {
+        "Prompt": "a cat", "Negative prompt": "", "Steps": 100, "Guidance scale (CFG)": 20, "Width": 512,
+        "Height": 496, "Seed (-1: random)": 3}
+    assert notes == [
+        "Sampler 'Heun' is not one this app has: the sampler was left as it was.",
+        "Steps 150 became 100 (this model takes 1 to 100).",
+        "Guidance scale (CFG) 25 became 20 (this model takes 0 to 20).",
+        "Width 1024 became 512 (this model takes 64 to 512).",
+        "Height 500 became 496 (this model takes 64 to 512).",
+        "Text to image has no clip skip setting: not sent.",
+    ]

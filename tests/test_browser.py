@@ -1,5 +1,9 @@
 """The page in a real browser: headless Chromium opens it, generates an image and screenshots every tab.
 
+At 1400 px wide it also checks what a first look would catch: labels on one line, the sampler's
+name whole beside its arrow, no label badge over a plot or a thumbnail, and the PNG info tab
+filling text to image.
+
 Screenshots go to the test's ``tmp_path``; with ``UPDATE_SCREENSHOTS=1`` they are also copied to
 ``examples/screenshots/`` (the README links them). Without ``/usr/bin/chromium`` the test skips,
 unless ``REQUIRE_BROWSER=1`` (CI), where it fails.
@@ -12,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from test_app import REPO, make_tiny_model, serve_app
+from test_app import REPO, WEB_UI_EXAMPLE, make_tiny_model, serve_app
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -51,7 +55,7 @@ def test_page_generates_and_screenshots_every_tab(tmp_path: Path) -> None:
             sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
             page.set_default_timeout(TIMEOUT_MS)
             page.goto(url)
 
@@ -60,6 +64,10 @@ def test_page_generates_and_screenshots_every_tab(tmp_path: Path) -> None:
             page.locator("#t2i-generate").click()
             page.locator("#t2i-gallery img").first.wait_for(state="visible")
             _wait_for_textarea_containing(page, "Seed:")  # the parameters of the finished image
+            _check_controls_layout(page, "t2i")
+            _check_numbers_shown_whole(page)
+            for elem_id in ("t2i-gallery", "t2i-preview"):
+                _check_label_clear_of_content(page, elem_id)
             shots["text-to-image"] = _screenshot(page, tmp_path)
 
             page.get_by_role("tab", name="Image to image").click()
@@ -69,6 +77,7 @@ def test_page_generates_and_screenshots_every_tab(tmp_path: Path) -> None:
             _set_slider(page, "#i2i-steps", 8)
             page.locator("#i2i-generate").click()
             page.locator("#i2i-gallery img").first.wait_for(state="visible")
+            _check_controls_layout(page, "i2i")
             shots["image-to-image"] = _screenshot(page, tmp_path)
 
             page.get_by_role("tab", name="Noise schedule").click()
@@ -76,7 +85,12 @@ def test_page_generates_and_screenshots_every_tab(tmp_path: Path) -> None:
             page.locator("#noise-run").click()
             page.locator("#noise-pixels img").first.wait_for(state="visible")
             page.locator("#noise-latents img").first.wait_for(state="visible")
+            for elem_id in ("noise-plot", "noise-pixels", "noise-latents"):
+                _check_label_clear_of_content(page, elem_id)
+            _check_numbers_shown_whole(page)  # "Training steps T": 1000
             shots["noise-schedule"] = _screenshot(page, tmp_path)
+
+            shots["png-info"] = _png_info_sends_to_text_to_image(page, tmp_path)
         finally:
             browser.close()
 
@@ -89,6 +103,80 @@ def test_page_generates_and_screenshots_every_tab(tmp_path: Path) -> None:
             with Image.open(path) as shot:
                 shot.convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT).save(
                     SCREENSHOTS / path.name, optimize=True)
+
+
+def _png_info_sends_to_text_to_image(page, folder: Path) -> Path:
+    """Open the web UI example in the PNG info tab, screenshot it, send it, and check text to image's fields."""
+    page.get_by_role("tab", name="PNG info").click()
+    page.locator("#png-examples img").first.click()  # the AUTOMATIC1111-style example: its chunk survives the upload
+    _wait_for_textarea_containing(page, "Schedule type: Karras")
+    page.locator("#png-settings").get_by_text("dpmpp_2m_karras").wait_for(state="visible")
+    shot = _screenshot(page, folder)
+    page.locator("#png-send").click()
+    page.locator("#t2i-prompt textarea").wait_for(state="visible")  # back on text to image
+    assert page.get_by_role("tab", selected=True).inner_text().strip() == "Text to image"
+    with Image.open(WEB_UI_EXAMPLE) as example:
+        expected = example.info["parameters"]
+    assert expected.startswith("a red circle on a blue background\nNegative prompt: a green background\n")
+    page.wait_for_function("() => document.querySelector('#t2i-steps input[type=number]').value === '24'")
+    fields = {
+        "prompt": page.locator("#t2i-prompt textarea").input_value(),
+        "negative": page.locator("#t2i-negative-prompt textarea").input_value(),
+        "sampler": page.locator("#t2i-sampler input").input_value(),
+        **{name: page.locator(f"#t2i-{name} input[type=number]").input_value()
+           for name in ("steps", "guidance-scale", "width", "height")},
+        "seed": page.locator("#t2i-seed input").input_value(),
+    }
+    assert fields == {"prompt": "a red circle on a blue background", "negative": "a green background",
+                      "sampler": "DPM++ 2M Karras", "steps": "24", "guidance-scale": "6.5", "width": "512",
+                      "height": "512", "seed": "1234"}
+    return shot
+
+
+def _check_controls_layout(page, prefix: str) -> None:
+    """Each setting's label on one line; the sampler's name whole, clear of the dropdown's arrow."""
+    for name in ("prompt", "negative-prompt", "sampler", "steps", "guidance-scale", "num-images", "width", "height",
+                 "seed"):
+        lines = page.evaluate(
+            """id => { const range = document.createRange();
+                       range.selectNodeContents(document.querySelector(`#${id} [data-testid=block-info]`));
+                       return new Set([...range.getClientRects()].map(r => Math.round(r.top))).size; }""",
+            f"{prefix}-{name}")
+        assert lines == 1, f"{prefix}-{name}: its label wraps onto {lines} lines"
+    sampler = page.evaluate(
+        """id => { const input = document.querySelector(`#${id} input`);
+                   const style = getComputedStyle(input);
+                   const context = document.createElement('canvas').getContext('2d');
+                   context.font = style.font;
+                   return {text: input.value, scroll: input.scrollWidth, client: input.clientWidth,
+                           textRight: input.getBoundingClientRect().left + parseFloat(style.paddingLeft)
+                                      + context.measureText(input.value).width,
+                           arrowLeft: document.querySelector(`#${id} .icon-wrap`).getBoundingClientRect().left}; }""",
+        f"{prefix}-sampler")
+    assert sampler["text"] == "DPM++ 2M Karras"
+    assert sampler["scroll"] <= sampler["client"], f"the sampler's name is clipped: {sampler}"
+    assert sampler["textRight"] <= sampler["arrowLeft"], f"the dropdown's arrow covers the sampler's name: {sampler}"
+
+
+def _check_numbers_shown_whole(page) -> None:
+    """Every slider's number box on the open tab shows its whole value."""
+    clipped = page.evaluate(
+        """() => [...document.querySelectorAll('input[data-testid=number-input]')]
+                     .filter(box => box.offsetParent && box.scrollWidth > box.clientWidth)
+                     .map(box => `${box.getAttribute('aria-label')}: ${box.value}`)""")
+    assert not clipped, f"number boxes too narrow for their values: {clipped}"
+
+
+def _check_label_clear_of_content(page, elem_id: str) -> None:
+    """The label badge of a plot, image or gallery covers none of its pictures."""
+    overlaps = page.evaluate(
+        """id => { const block = document.getElementById(id);
+                   const label = block.querySelector('[data-testid=block-label]').getBoundingClientRect();
+                   return [...block.querySelectorAll('img')].map(img => img.getBoundingClientRect())
+                       .filter(r => r.width && r.left < label.right && label.left < r.right
+                                    && r.top < label.bottom && label.top < r.bottom).length; }""",
+        elem_id)
+    assert overlaps == 0, f"#{elem_id}: its label covers {overlaps} of its pictures"
 
 
 def _set_slider(page, elem_id: str, value: int) -> None:

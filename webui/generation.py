@@ -26,9 +26,10 @@ from stable_diffusion.request import GenerationRequest
 from stable_diffusion.samplers import SAMPLERS
 
 from .errors import RequestError, user_error
+from .inputs import CheckedDropdown, CheckedImage, CheckedNumber, CheckedSlider
 from .served import ServedModel, gpu
 
-__all__ = ["GENERATION_CONCURRENCY", "MAX_IMAGES", "MAX_STEPS", "generation_tab"]
+__all__ = ["GENERATION_CONCURRENCY", "MAX_IMAGES", "MAX_STEPS", "Controls", "generation_tab"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,24 +55,30 @@ class Controls:
         largest = max(8, math.isqrt(max_pixels) // 8 * 8)
         smallest = 0 if auto_size else min(64, native)
         size_info = "0 and 0: the input's shape at the native size" if auto_size else None
-        self.prompt = gr.Textbox(label="Prompt", lines=2, placeholder=placeholder, elem_id=f"{prefix}-prompt")
+        self.prompt = gr.Textbox(value="", label="Prompt", lines=2, placeholder=placeholder, elem_id=f"{prefix}-prompt")
         self.negative_prompt = gr.Textbox(value="", label="Negative prompt", lines=1, elem_id=f"{prefix}-negative-prompt")
+        # Two settings a row: at half the page's width each label fits on one line and the
+        # dropdown shows the longest sampler name whole.
         with gr.Row():
-            self.sampler = gr.Dropdown([(spec.label, name) for name, spec in SAMPLERS.items()],
-                                       value="dpmpp_2m_karras", label="Sampler", elem_id=f"{prefix}-sampler")
-            self.steps = gr.Slider(1, MAX_STEPS, value=20, step=1, precision=0, label="Steps", elem_id=f"{prefix}-steps")
-            self.guidance_scale = gr.Slider(0, 20, value=7.5, step=0.5, label="Guidance scale (CFG)")
+            self.sampler = CheckedDropdown([(spec.label, name) for name, spec in SAMPLERS.items()],
+                                           value="dpmpp_2m_karras", label="Sampler", elem_id=f"{prefix}-sampler")
+            self.steps = CheckedSlider(1, MAX_STEPS, value=20, step=1, precision=0, label="Steps", elem_id=f"{prefix}-steps")
+        with gr.Row():
+            self.guidance_scale = CheckedSlider(0, 20, value=7.5, step=0.5, label="Guidance scale (CFG)",
+                                                elem_id=f"{prefix}-guidance-scale")
+            max_images = min(MAX_IMAGES, pipe.max_images) if pipe is not None else MAX_IMAGES
+            self.num_images = CheckedSlider(1, max_images, value=1, step=1, precision=0, label="Number of images",
+                                            elem_id=f"{prefix}-num-images")
         with gr.Row():
             default_size = 0 if auto_size else min(native, largest)
-            self.width = gr.Slider(smallest, largest, value=default_size, step=8, precision=0, label="Width", info=size_info)
-            self.height = gr.Slider(smallest, largest, value=default_size, step=8, precision=0, label="Height",
-                                    info=size_info)
-        with gr.Row():
-            self.seed = gr.Number(value=-1, precision=0, minimum=-1, label="Seed (-1: random)",
-                                  info="image i of a request uses seed + i")
-            self.random_seed = gr.Button("Random seed", size="sm")
-            max_images = min(MAX_IMAGES, pipe.max_images) if pipe is not None else MAX_IMAGES
-            self.num_images = gr.Slider(1, max_images, value=1, step=1, precision=0, label="Images")
+            self.width = CheckedSlider(smallest, largest, value=default_size, step=8, precision=0, label="Width",
+                                       info=size_info, elem_id=f"{prefix}-width")
+            self.height = CheckedSlider(smallest, largest, value=default_size, step=8, precision=0, label="Height",
+                                        info=size_info, elem_id=f"{prefix}-height")
+        with gr.Row(elem_classes=["bottom-aligned"]):
+            self.seed = CheckedNumber(value=-1, precision=0, minimum=-1, label="Seed (-1: random)",
+                                      info="image i of a request uses seed + i", elem_id=f"{prefix}-seed", scale=3)
+            self.random_seed = gr.Button("Random seed", scale=1)
         self.random_seed.click(lambda: -1, outputs=self.seed, api_visibility="private", queue=False)
 
     def inputs(self) -> list[gr.components.Component]:
@@ -80,8 +87,8 @@ class Controls:
 
 
 def generation_tab(served: ServedModel, *, prefix: str, takes_image: bool, examples: list[list[Any]],
-                   placeholder: str) -> None:
-    """One generation tab: its controls, its results, and its API endpoint.
+                   placeholder: str) -> Controls:
+    """One generation tab: its controls (returned, for other tabs to fill), its results, its API endpoint.
 
     ``takes_image``: image to image (an input image and a strength before the shared settings).
     ``examples``: rows of (prompt, negative prompt), or of (image, prompt, strength) with ``takes_image``.
@@ -108,22 +115,24 @@ def generation_tab(served: ServedModel, *, prefix: str, takes_image: bool, examp
                   outputs=outputs, api_name=handler.__name__, concurrency_limit=GENERATION_CONCURRENCY,
                   concurrency_id="model", show_progress_on=[outputs[0]])
     stop.click(None, cancels=[event], api_visibility="private", queue=False)
+    return controls
 
 
 def _image_inputs(prefix: str) -> list[gr.components.Component]:
-    image = gr.Image(label="Input image", type="pil", sources=["upload", "clipboard"], height=384,
-                     elem_id=f"{prefix}-input")
-    strength = gr.Slider(0.05, 1.0, value=0.75, step=0.05, label="Strength",
-                         info="how much of the image to redraw: 0 keeps it, 1 ignores it")
+    image = CheckedImage(label="Input image", type="pil", sources=["upload", "clipboard"], height=384,
+                         elem_id=f"{prefix}-input")
+    strength = CheckedSlider(0.05, 1.0, value=0.75, step=0.05, label="Strength",
+                             info="how much of the image to redraw: 0 keeps it, 1 ignores it")
     return [image, strength]
 
 
 def _results(prefix: str) -> list[gr.components.Component]:
     gallery = gr.Gallery(label="Results (PNG files carry their parameters)", columns=2, height=512,
-                         object_fit="contain", buttons=["download", "fullscreen"], elem_id=f"{prefix}-gallery")
+                         object_fit="contain", buttons=["download", "fullscreen"], elem_id=f"{prefix}-gallery",
+                         elem_classes=["label-above"])
     # PNG, not Gradio's default lossy WebP: the enlarged pixels of a small preview stay sharp.
     preview = gr.Image(label="Live preview of the denoising (predicted x₀)", interactive=False, height=256,
-                       format="png", elem_id=f"{prefix}-preview")
+                       format="png", elem_id=f"{prefix}-preview", elem_classes=["label-above"])
     parameters = gr.Textbox(label="Parameters", lines=4, buttons=["copy"])
     return [gallery, preview, parameters]
 
@@ -146,6 +155,8 @@ def _image_to_image(served: ServedModel) -> Callable[..., Iterator[tuple[Any, An
     def image_to_image(image: Image.Image | None, strength: float, prompt: str, negative_prompt: str, sampler: str,
                        steps: int, guidance_scale: float, width: int, height: int, seed: int, num_images: int,
                        progress: gr.Progress = gr.Progress()) -> Iterator[tuple[Any, Any, str]]:
+        if image is None:  # the pipeline would draw from text alone
+            raise RequestError("No input image: upload or paste an image to start from.")
         settings = dict(negative_prompt=negative_prompt, sampler=sampler, steps=steps, guidance_scale=guidance_scale,
                         width=width or None, height=height or None, seed=seed, num_images=num_images,
                         strength=strength)

@@ -15,6 +15,7 @@ from stable_diffusion.images import checked_image, pil_to_tensor, tensor_to_pil
 
 from .errors import RequestError
 from .generation import GENERATION_CONCURRENCY
+from .inputs import CheckedCheckboxGroup, CheckedDropdown, CheckedImage, CheckedNumber, CheckedSlider
 from .served import ServedModel, gpu
 
 __all__ = ["SCHEDULE_BETAS", "noise_tab"]
@@ -38,26 +39,27 @@ def noise_tab(served: ServedModel, examples: list[str], examples_dir: Path) -> N
         "schedules. Dashed lines: the same schedule rescaled to zero terminal SNR (Lin et al. 2023)."
     )
     with gr.Row():
-        names = gr.CheckboxGroup(list(SCHEDULE_BETAS), value=list(SCHEDULE_BETAS), label="Schedules to compare")
+        names = CheckedCheckboxGroup(list(SCHEDULE_BETAS), value=list(SCHEDULE_BETAS), label="Schedules to compare")
         zero_snr = gr.Checkbox(value=False, label="Zero terminal SNR", info="rescale so that ᾱ at t = T−1 is 0")
-        num_train_timesteps = gr.Slider(10, 4000, value=1000, step=10, precision=0, label="Training steps T")
+        num_train_timesteps = CheckedSlider(10, 4000, value=1000, step=10, precision=0, label="Training steps T")
     plot = gr.Plot(_schedule_figure(list(SCHEDULE_BETAS), zero_snr=False, num_train_timesteps=1000),
-                   label="Schedules", elem_id="noise-plot")
+                   label="Schedules", elem_id="noise-plot", elem_classes=["label-above"])
     with gr.Row():
         with gr.Column():
-            image = gr.Image(label="Image to noise", type="pil", sources=["upload", "clipboard"], height=256,
-                             value=str(examples_dir / examples[0]))
+            image = CheckedImage(label="Image to noise", type="pil", sources=["upload", "clipboard"], height=256,
+                                 value=str(examples_dir / examples[0]))
             gr.Examples([[str(examples_dir / path)] for path in examples], inputs=[image], cache_examples=False)
         with gr.Column():
-            strip_schedule = gr.Dropdown(list(SCHEDULE_BETAS), value="scaled_linear", label="Schedule for the images")
+            strip_schedule = CheckedDropdown(list(SCHEDULE_BETAS), value="scaled_linear", label="Schedule for the images")
             timesteps = gr.Textbox(value=DEFAULT_TIMESTEPS, label="Timesteps t (comma separated, 0 to T−1)")
-            seed = gr.Number(value=0, precision=0, minimum=0, maximum=2**32 - 1, label="Noise seed")
+            seed = CheckedNumber(value=0, precision=0, minimum=0, maximum=2**32 - 1, label="Noise seed")
             noise = gr.Button("Noise the image", variant="primary", elem_id="noise-run")
     pixels = gr.Gallery(label="Noised in pixel space: x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε", columns=6, height=240,
-                        object_fit="contain", format="png", elem_id="noise-pixels")
+                        object_fit="contain", format="png", elem_id="noise-pixels",
+                        elem_classes=["label-above"])
     latents = gr.Gallery(label="What latent diffusion sees: VAE-encoded, noised in latent space, decoded",
                          columns=6, height=240, object_fit="contain", format="png",
-                         elem_id="noise-latents")
+                         elem_id="noise-latents", elem_classes=["label-above"])
     if served.pipe is None:
         gr.Markdown("*The latent-space strip needs a model, and none is loaded; the pixel-space strip works.*")
 

@@ -216,6 +216,8 @@ class StableDiffusion:
         ``<lora:NAME:WEIGHT>`` tags in the prompt apply that LoRA (found in ``lora_dirs``) to this
         request only: it runs alone, and the weights are restored exactly afterwards.
         """
+        if image is None and request.strength is not None:
+            raise InvalidSetting("strength", "applies to image-to-image only: give an image, or leave strength out.")
         image = None if image is None else checked_image(image)
         width, height = _request_size(self, request, image)
         plan = _checked_plan(self, request, width, height)

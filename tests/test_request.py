@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from stable_diffusion.request import (
     GenerationRequest,
@@ -67,3 +68,11 @@ def test_each_bad_setting_is_named(options, setting):
         GenerationRequest("a cat", **options)
     assert error.value.setting == setting
     assert str(error.value).startswith(f"{setting} ")
+
+
+def test_strength_without_an_image_is_refused(tiny_sd1_folder):
+    from stable_diffusion.hub import load
+
+    pipe = load(tiny_sd1_folder, device="cpu", dtype=torch.float32)
+    with pytest.raises(InvalidSetting, match="strength applies to image-to-image only"):
+        pipe.generate(GenerationRequest("a cat", strength=0.5, steps=2, width=32, height=32))

@@ -22,8 +22,9 @@ from gradio_client.exceptions import AppError
 from PIL import Image, ImageFilter
 from safetensors.torch import save_file
 
-from conftest import HUB_LAYOUTS, assert_same_picture, build_tiny_reference_pipeline
+from conftest import HUB_LAYOUTS, assert_same_picture
 from ldm_export import hub_to_ldm
+from test_pipelines import ours, reference  # noqa: F401 (fixtures: the tiny SD 1.x reference and our load of it)
 from stable_diffusion import denoisers
 from stable_diffusion.hub import load
 from stable_diffusion.images import save_png
@@ -109,16 +110,6 @@ def our_inpaint(pipe, monkeypatch, *args, **options) -> tuple[np.ndarray, torch.
 
 # ------------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
-def reference():
-    return build_tiny_reference_pipeline("sd1")
-
-
-@pytest.fixture(scope="module")
-def regular(tiny_sd1_folder):
-    return load(tiny_sd1_folder, device="cpu", dtype=torch.float32)
-
-
-@pytest.fixture(scope="module")
 def inpainting_components(reference):
     return with_inpainting_unet(reference)
 
@@ -142,7 +133,7 @@ def test_inpainting_matches_diffusers(request, monkeypatch, reference, unet, sam
         components, ours = request.getfixturevalue("inpainting_components"), request.getfixturevalue("inpainting_model")
         assert ours.unet.config.in_channels == 9  # loaded from the diffusers layout
     else:
-        components, ours = reference.components, request.getfixturevalue("regular")
+        components, ours = reference.components, request.getfixturevalue("ours")
     image, mask = random_picture((SIZE, SIZE)), box_mask((SIZE, SIZE), (4, 8, 20, 26))
     kwargs = dict(prompt="a red cat", negative_prompt="blurry", image=image, mask_image=mask, strength=strength,
                   num_inference_steps=8, guidance_scale=5.0, height=SIZE, width=SIZE)
@@ -158,22 +149,22 @@ def test_inpainting_matches_diffusers(request, monkeypatch, reference, unet, sam
     assert float((latents - expected_latents).abs().max()) < 1e-5 * scale
 
 
-def test_each_image_of_a_batch_is_its_own_seed(regular):
+def test_each_image_of_a_batch_is_its_own_seed(ours):
     image, mask = random_picture((SIZE, SIZE)), box_mask((SIZE, SIZE), (0, 0, 16, 32))
     options = dict(steps=4, sampler="euler_a", width=SIZE, height=SIZE)
-    batch = regular.inpaint(image, mask, "a cat", seed=20, num_images=2, **options)
-    alone = regular.inpaint(image, mask, "a cat", seed=21, **options)
+    batch = ours.inpaint(image, mask, "a cat", seed=20, num_images=2, **options)
+    alone = ours.inpaint(image, mask, "a cat", seed=21, **options)
     assert batch.seeds == [20, 21]
     assert_same_picture(pixels(alone.images[0]), pixels(batch.images[1]))
     assert not np.array_equal(pixels(batch.images[0]), pixels(batch.images[1]))
 
 
-def test_a_full_mask_with_a_regular_unet_is_image_to_image(regular):
+def test_a_full_mask_with_a_regular_unet_is_image_to_image(ours):
     """Documented behaviour: everything is repainted, from the image noised to the strength."""
     image = random_picture((SIZE, SIZE), seed=4)
     options = dict(strength=0.6, steps=10, sampler="ddim", seed=5, width=SIZE, height=SIZE)
-    inpainted = regular.inpaint(image, Image.new("L", image.size, 255), "a square", **options)
-    redrawn = regular.image_to_image(image, "a square", **options)
+    inpainted = ours.inpaint(image, Image.new("L", image.size, 255), "a square", **options)
+    redrawn = ours.image_to_image(image, "a square", **options)
     np.testing.assert_array_equal(pixels(inpainted.images[0]), pixels(redrawn.images[0]))
 
 
@@ -271,20 +262,20 @@ def test_model_masks_binarize_like_diffusers():
         (box_mask((SIZE, SIZE), (3, 3, 4, 4)), "nothing to repaint"),  # smaller than a latent pixel, between samples
     ],
 )
-def test_bad_masks_are_clear_errors(regular, mask, message):
+def test_bad_masks_are_clear_errors(ours, mask, message):
     with pytest.raises(ValueError, match=message):
-        regular.inpaint(random_picture((SIZE, SIZE)), mask, "a cat", steps=2, width=SIZE, height=SIZE)
+        ours.inpaint(random_picture((SIZE, SIZE)), mask, "a cat", steps=2, width=SIZE, height=SIZE)
 
 
-def test_unreadable_pictures_are_clear_errors(regular, tmp_path):
+def test_unreadable_pictures_are_clear_errors(ours, tmp_path):
     mask = box_mask((SIZE, SIZE), (0, 0, 16, 16))
     path = tmp_path / "truncated.png"
     random_picture((SIZE, SIZE)).save(path)
     path.write_bytes(path.read_bytes()[:200])
     with pytest.raises(ValueError, match="cannot be read"):
-        regular.inpaint(Image.open(path), mask, "a cat", steps=2)
+        ours.inpaint(Image.open(path), mask, "a cat", steps=2)
     with pytest.raises(ValueError, match="No input image"):
-        regular.inpaint(None, mask, "a cat", steps=2)
+        ours.inpaint(None, mask, "a cat", steps=2)
 
 
 @pytest.mark.parametrize(
@@ -296,24 +287,24 @@ def test_unreadable_pictures_are_clear_errors(regular, tmp_path):
         (dict(strength=0.0), "strength"),
     ],
 )
-def test_bad_inpainting_settings(regular, options, message):
+def test_bad_inpainting_settings(ours, options, message):
     with pytest.raises(ValueError, match=message):
-        regular.inpaint(random_picture((SIZE, SIZE)), box_mask((SIZE, SIZE), (0, 0, 16, 16)), "a cat", steps=2,
+        ours.inpaint(random_picture((SIZE, SIZE)), box_mask((SIZE, SIZE), (0, 0, 16, 16)), "a cat", steps=2,
                         **options)
 
 
-def test_mask_settings_need_a_mask(regular):
+def test_mask_settings_need_a_mask(ours):
     with pytest.raises(ValueError, match="mask_blur applies to inpainting only"):
-        regular.text_to_image("a cat", width=SIZE, height=SIZE, steps=2, mask_blur=4)
+        ours.text_to_image("a cat", width=SIZE, height=SIZE, steps=2, mask_blur=4)
     with pytest.raises(ValueError, match="paste_back applies to inpainting only"):
-        regular.image_to_image(random_picture((SIZE, SIZE)), "a cat", steps=2, paste_back=True)
+        ours.image_to_image(random_picture((SIZE, SIZE)), "a cat", steps=2, paste_back=True)
 
 
 # ------------------------------------------------------------------------------------ paste back, PNG
-def test_paste_back_keeps_every_pixel_outside_the_blurred_mask(regular):
+def test_paste_back_keeps_every_pixel_outside_the_blurred_mask(ours):
     image = random_picture((48, 40), seed=7)  # generated at 16x16 (the native area): pasted back at 48x40
     mask = box_mask(image.size, (10, 8, 30, 28))
-    result = regular.inpaint(image, mask, "a cat", steps=3, seed=1, mask_blur=3, paste_back=True)
+    result = ours.inpaint(image, mask, "a cat", steps=3, seed=1, mask_blur=3, paste_back=True)
     out, original = pixels(result.images[0]), pixels(image)
     assert out.shape == original.shape
     soft = np.asarray(blurred(mask, 3))
@@ -331,8 +322,8 @@ def test_paste_back_composites_by_the_mask():
         paste_back([generated], original, Image.new("L", (3, 1)))
 
 
-def test_png_parameters_say_strength_and_mask_blur(regular, tmp_path):
-    result = regular.inpaint(random_picture((SIZE, SIZE)), box_mask((SIZE, SIZE), (0, 0, 16, 32)), "a cat",
+def test_png_parameters_say_strength_and_mask_blur(ours, tmp_path):
+    result = ours.inpaint(random_picture((SIZE, SIZE)), box_mask((SIZE, SIZE), (0, 0, 16, 32)), "a cat",
                              steps=3, seed=2, mask_blur=4, strength=0.75, sampler="ddim", width=SIZE, height=SIZE)
     path = tmp_path / "inpainted.png"
     save_png(result.images[0], path, result.parameters[0])
@@ -340,7 +331,7 @@ def test_png_parameters_say_strength_and_mask_blur(regular, tmp_path):
     assert fields["Denoising strength"] == "0.75" and fields["Mask blur"] == "4"
     settings = settings_from_parameters(fields)
     assert settings["strength"] == 0.75 and settings["mask_blur"] == 4 and settings["sampler"] == "ddim"
-    default = regular.inpaint(random_picture((SIZE, SIZE)), box_mask((SIZE, SIZE), (0, 0, 16, 32)), "a cat", steps=2)
+    default = ours.inpaint(random_picture((SIZE, SIZE)), box_mask((SIZE, SIZE), (0, 0, 16, 32)), "a cat", steps=2)
     assert "Denoising strength: 1, Mask blur: 0" in default.parameters[0]
 
 
@@ -373,10 +364,10 @@ def test_bad_outpaint_sides(sides, message):
         outpaint_canvas(random_picture((16, 16)), **sides)
 
 
-def test_outpainting_by_128_on_the_right_keeps_the_picture(regular):
+def test_outpainting_by_128_on_the_right_keeps_the_picture(ours):
     picture = random_picture((512, 512), seed=9)
     canvas, mask = outpaint_canvas(picture, right=128)
-    result = regular.inpaint(canvas, mask, "a cat", steps=2, seed=0, paste_back=True)
+    result = ours.inpaint(canvas, mask, "a cat", steps=2, seed=0, paste_back=True)
     out = pixels(result.images[0])
     assert out.shape == (512, 640, 3)
     np.testing.assert_array_equal(out[:, :512], pixels(picture))
@@ -450,3 +441,58 @@ def test_examples_exist_and_fit_their_pictures():
                 assert 0 < np.asarray(mask).mean() < 128
             else:
                 assert example["outpaint_right"] % 8 == 0 and example["outpaint_right"] > 0
+
+
+# ------------------------------------------------------------------------------------ full size (--runslow)
+def full_size_pair(hub_layouts: Path, *, inpainting: bool):
+    """Random networks at SD 1.5's shapes (a 9-channel UNet for SD 1.5 inpainting): diffusers' components and ours."""
+    import transformers
+    from diffusers import AutoencoderKL as ReferenceVAE
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from test_networks import ours_from, perturb_vectors, read_hub_config
+
+    from stable_diffusion.clip import CLIPTextConfig, CLIPTextModel
+    from stable_diffusion.pipelines import StableDiffusion
+    from stable_diffusion.schedules import SchedulerConfig
+    from stable_diffusion.unet import UNet, UNetConfig
+    from stable_diffusion.vae import AutoencoderKL, VAEConfig
+
+    repo = hub_layouts / "stable-diffusion-v1-5"
+    torch.manual_seed(0)
+    unet_config = read_hub_config(hub_layouts, repo.name, "unet") | {"in_channels": 9 if inpainting else 4}
+    vae_config, clip_config = read_hub_config(hub_layouts, repo.name, "vae"), read_hub_config(hub_layouts, repo.name, "text_encoder")
+    unet = perturb_vectors(UNet2DConditionModel.from_config(unet_config), seed=0)
+    vae = perturb_vectors(ReferenceVAE.from_config(vae_config), seed=1)
+    clip = perturb_vectors(transformers.CLIPTextModel(transformers.CLIPTextConfig.from_dict(clip_config)), seed=2)
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(repo / "tokenizer")
+    components = dict(unet=unet, vae=vae, text_encoder=clip, tokenizer=tokenizer,
+                      scheduler=DDIMScheduler.from_pretrained(repo / "scheduler"), safety_checker=None,
+                      feature_extractor=None, requires_safety_checker=False)
+    ours = StableDiffusion(
+        text_encoder=ours_from(clip, "clip", CLIPTextModel, CLIPTextConfig.from_hub_config(clip_config)),
+        unet=ours_from(unet, "unet", UNet, UNetConfig.from_hub_config(unet_config)),
+        vae=ours_from(vae, "vae", AutoencoderKL, VAEConfig.from_hub_config(vae_config)),
+        tokenizer=tokenizer,
+        scheduler=SchedulerConfig.from_hub_config(json.loads((repo / SD15_SCHEDULER).read_text())),
+        name="random-sd15",
+    )
+    return components, ours
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("unet", "sampler", "strength"), [("inpainting", "dpmpp_2m_karras", 1.0), ("regular", "ddim", 0.8)])
+def test_full_size_inpainting_matches_diffusers(hub_layouts, monkeypatch, unet, sampler, strength):
+    components, ours = full_size_pair(hub_layouts, inpainting=unet == "inpainting")
+    side, steps = 512, 4
+    image, mask = random_picture((side, side), seed=5), box_mask((side, side), (128, 96, 352, 416))
+    expected, expected_latents = reference_inpaint(
+        components, sampler, prompt="a red cat", image=image, mask_image=mask, strength=strength,
+        num_inference_steps=steps, guidance_scale=7.5, height=side, width=side, generator=torch.Generator().manual_seed(8),
+    )
+    got, latents = our_inpaint(ours, monkeypatch, image, mask, "a red cat", strength=strength, steps=steps,
+                               guidance_scale=7.5, sampler=sampler, seed=8)
+    inside = np.asarray(mask) > 0
+    assert np.abs(got - expected)[inside].max() <= 2
+    assert 0.05 < ((expected > 0) & (expected < 255)).mean(), "a saturated picture would prove little"
+    scale = float(expected_latents.abs().max())
+    assert float((latents - expected_latents).abs().max()) < 1e-4 * scale

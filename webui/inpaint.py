@@ -30,6 +30,8 @@ MAX_OUTPAINT = 256  # pixels per side
 SIDES = ("left", "right", "top", "bottom")
 # Brush strokes: half-transparent white, so the picture stays visible under the mask.
 BRUSH = gr.Brush(colors=[("#ffffff", 0.7)], color_mode="fixed")
+# The editor places an example's mask layer on a canvas of this size: the examples' pictures' size.
+CANVAS = (512, 512)
 
 
 def inpaint_tab(served: ServedModel, *, examples: list[dict[str, Any]], examples_dir: Path, placeholder: str) -> None:
@@ -44,7 +46,7 @@ def inpaint_tab(served: ServedModel, *, examples: list[dict[str, Any]], examples
         with gr.Column():
             editor = gr.ImageEditor(label="Picture: paint over what to repaint", type="pil", image_mode="RGBA",
                                     sources=["upload", "clipboard"], brush=BRUSH, transforms=(), height=448,
-                                    elem_id="inp-editor")
+                                    canvas_size=CANVAS, elem_id="inp-editor")
             with gr.Row():
                 strength = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Strength",
                                      info="1: repaint the masked area from pure noise")

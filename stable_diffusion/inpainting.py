@@ -6,6 +6,12 @@ transparent) keeps. The model sees it binary (as diffusers' ``VaeImageProcessor`
 latent size by nearest-neighbour sampling. ``mask_blur`` (pixels, a Gaussian's σ as in the popular
 web UIs) softens the mask before both the model's mask and the paste-back are made from it.
 
+Paste-back (``paste_back=True``) returns the input picture at its own size: the generated image
+(resized to it where the generation size differs) faded in over the blurred mask, and the
+picture's own pixels, bit for bit, where the blurred mask is 0. The blur therefore also fades an
+outpainting seam a few pixels into the original. Outpainting is inpainting on a larger canvas
+(``outpaint_canvas``).
+
 Everything here works on PIL images and returns tensors only where the model needs them; the
 pipeline (``pipelines.py``) decides what the UNet sees.
 """
@@ -47,7 +53,9 @@ def blurred(mask: Image.Image, radius: float) -> Image.Image:
     return mask.filter(ImageFilter.GaussianBlur(radius)) if radius > 0 else mask
 
 
-def model_masks(mask: Image.Image, width: int, height: int, *, downsampling_factor: int) -> tuple[torch.Tensor, torch.Tensor]:
+def model_masks(
+    mask: Image.Image, width: int, height: int, *, downsampling_factor: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The binary masks the model sees: ``[1, 1, height, width]`` and at latent size, 1 = repaint.
 
     As diffusers' inpainting pipelines: resize (Lanczos), binarize at one half, and sample the
@@ -77,10 +85,8 @@ def paste_back(images: list[Image.Image], original: Image.Image, mask: Image.Ima
     """
     if mask.size != original.size:
         raise ValueError(f"The paste-back mask is {mask.size}, the original {original.size}: give them one size.")
-    return [
-        Image.composite(image if image.size == original.size else image.resize(original.size, Image.LANCZOS), original, mask)
-        for image in images
-    ]
+    resized = [image if image.size == original.size else image.resize(original.size, Image.LANCZOS) for image in images]
+    return [Image.composite(image, original, mask) for image in resized]
 
 
 def outpaint_canvas(
@@ -105,7 +111,7 @@ def outpaint_canvas(
     sides = {"left": left, "right": right, "top": top, "bottom": bottom}
     for side, pixels in sides.items():
         if isinstance(pixels, bool) or not isinstance(pixels, (int, np.integer)) or pixels < 0 or pixels % 8:
-            raise ValueError(f"{side} must be a whole number of pixels, at least 0 and a multiple of 8, got {pixels!r}.")
+            raise ValueError(f"{side} must be a whole number of pixels, 0 or more and a multiple of 8, got {pixels!r}.")
     if not any(sides.values()):
         raise ValueError("Give at least one side to extend (left, right, top or bottom), in pixels.")
     padding = ((top, bottom), (left, right))

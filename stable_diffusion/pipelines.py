@@ -103,7 +103,7 @@ class _Start:
         return denoisers.InpaintingDenoiser(denoiser, self.known, float(plan.sigmas[0]))
 
     def end(self, latents: torch.Tensor) -> torch.Tensor:
-        """The sampled latents; with a known region, the original itself outside the mask (the reference's last blend)."""
+        """The sampled latents; with a known region, the original outside the mask (the reference's last blend)."""
         return latents if self.known is None else self.known.restore(latents)
 
 
@@ -126,7 +126,8 @@ class _TextToImage(_Mode):
 
     def initial_latents(self, pipe: StableDiffusion, plan: SamplingPlan, generators: list[torch.Generator]) -> _Start:
         shape = _latent_shape(pipe, len(generators), self.width, self.height)
-        return _Start(samplers.initial_latents(plan, samplers.draw_noise(shape, generator=generators, device=pipe.device)))
+        noise = samplers.draw_noise(shape, generator=generators, device=pipe.device)
+        return _Start(samplers.initial_latents(plan, noise))
 
 
 @dataclass(frozen=True)
@@ -155,7 +156,7 @@ class _Inpaint(_Mode):
     """Repaint where the mask is 1 and keep the rest, as diffusers' ``StableDiffusionInpaintPipeline``.
 
     An inpainting UNet (9 input channels: SD 1.5 and SD 2 inpainting, trained with the mask and
-    the masked image's latents beside the noisy latents, Rombach et al. 2022, sec. 4.5.2) sees
+    the masked image's latents beside the noisy latents, Rombach et al. 2022, sec. 4.5) sees
     them at every step. A regular UNet repaints through ``denoisers.InpaintingDenoiser``, which
     keeps the original's latents outside the mask. ``paste``: (original, soft mask) to paste the
     original back outside the mask after decoding.

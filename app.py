@@ -25,6 +25,7 @@ import torch
 from stable_diffusion.devices import default_dtype, parse_device, parse_dtype
 from stable_diffusion.hub import DEFAULT_MODEL, ModelLoadError, load
 from webui.generation import generation_tab
+from webui.inpaint import inpaint_tab
 from webui.inputs import refuse_decompression_bombs
 from webui.noise import noise_tab
 from webui.png_info import png_info_tab
@@ -107,6 +108,9 @@ def build_demo(served: ServedModel) -> gr.Blocks:
                 generation_tab(served, prefix="i2i", takes_image=True, placeholder=prompts["placeholder"],
                                examples=[[str(EXAMPLES_DIR / e["image"]), e["prompt"], e["strength"]]
                                          for e in prompts["image_to_image"]])
+            with gr.Tab("Inpaint", id="inpaint"):
+                inpaint_tab(served, examples=prompts["inpaint"], examples_dir=EXAMPLES_DIR,
+                            placeholder=prompts["placeholder"])
             with gr.Tab("Noise schedule", id="noise-schedule"):
                 noise_tab(served, examples["noise_schedule"], EXAMPLES_DIR)
             with gr.Tab("PNG info", id="png-info"):

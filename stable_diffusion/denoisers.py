@@ -18,7 +18,16 @@ import torch
 
 from .schedules import check_prediction_type, sigma_to_timestep
 
-__all__ = ["Denoiser", "GuidedDenoiser", "guided", "predict_eps", "predict_x0", "rescale_guidance"]
+__all__ = [
+    "Denoiser",
+    "GuidedDenoiser",
+    "InpaintingDenoiser",
+    "KnownRegion",
+    "guided",
+    "predict_eps",
+    "predict_x0",
+    "rescale_guidance",
+]
 
 Model = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -171,3 +180,48 @@ def guided(
     if not 0 <= rescale <= 1:
         raise ValueError(f"rescale must be in [0, 1], got {rescale}.")
     return GuidedDenoiser(denoiser, cond, uncond, scale, rescale=rescale)
+
+
+@dataclass(frozen=True, eq=False)
+class KnownRegion:
+    """What inpainting keeps: the original latents x0 where ``mask`` is 0, and the noise ε that takes them to any σ.
+
+    ``mask`` is 1 where the model repaints, 0 where it keeps (binary, latent size); x0 and ε are
+    in the samplers' space (x̃ = x0 + σ·ε) and the network's alike, where σ = 0.
+    """
+
+    original: torch.Tensor
+    noise: torch.Tensor
+    mask: torch.Tensor
+
+    def noised(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        """``x`` inside the mask, the original noised to σ outside it: m·x + (1-m)·(x0 + σ·ε)."""
+        return self.mask * x + (1 - self.mask) * (self.original + sigma * self.noise)
+
+    def restore(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` inside the mask, the original outside it: m·x + (1-m)·x0."""
+        return self.mask * x + (1 - self.mask) * self.original
+
+
+@dataclass(frozen=True, eq=False)
+class InpaintingDenoiser:
+    """D(x̃; σ) for a UNet that knows no mask: it repaints only where the mask is 1.
+
+    The network sees the sampler's x̃ inside the mask and the original noised to σ outside it,
+    m·x̃ + (1-m)·(x0 + σ·ε), and x̂0 outside the mask is x0 itself. This is the blend that diffusers'
+    ``StableDiffusionInpaintPipeline`` and the web UIs apply to the latents after every step (the
+    known-region step of RePaint, Lugmayr et al. 2022, eq. 8, without resampling), moved into the
+    denoiser as ComfyUI's ``KSamplerX0Inpaint`` does, so that the samplers stay pure functions:
+    with a binary mask a sampler's update is the same pointwise arithmetic inside the mask, and
+    what it holds outside the mask is never seen. At the first σ (``start_sigma``) the network sees
+    x̃ as it is, since the reference blends only after a step: a strength-1 start is noise everywhere.
+    """
+
+    denoiser: Callable[..., torch.Tensor]
+    known: KnownRegion
+    start_sigma: float
+
+    def __call__(self, x: torch.Tensor, sigma: float, **options: bool) -> torch.Tensor:
+        if sigma < self.start_sigma:
+            x = self.known.noised(x, sigma)
+        return self.known.restore(self.denoiser(x, sigma, **options))

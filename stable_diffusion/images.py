@@ -17,6 +17,7 @@ from PIL import Image, ImageOps
 from PIL.PngImagePlugin import PngInfo
 
 __all__ = [
+    "as_pil",
     "checked_image",
     "grid",
     "native_area_size",
@@ -43,17 +44,33 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def as_pil(image: object, *, what: str) -> Image.Image:
+    """``image`` (a PIL image or an ``[H, W(, C)]`` uint8 array) as a loaded PIL image, or a clear error."""
+    if image is None:
+        raise ValueError(f"No {what}: upload or paste one.")
+    if isinstance(image, np.ndarray):
+        try:
+            image = Image.fromarray(image)
+        except TypeError as error:
+            raise ValueError(
+                f"The {what} array cannot be read as an image ({error}): give [H, W] or [H, W, 3 or 4] uint8."
+            ) from None
+    if not isinstance(image, Image.Image):
+        raise ValueError(f"The {what} must be a PIL image or an array, got {type(image).__name__}.")
+    try:
+        image.load()  # PIL opens files lazily: a truncated or corrupt file fails here, not later
+    except (OSError, ValueError) as error:
+        raise ValueError(f"The {what} cannot be read: {error}") from None
+    if image.width < 1 or image.height < 1:
+        raise ValueError(f"The {what} is empty (0 pixels).")
+    return image
+
+
 def checked_image(image: object, *, what: str = "input image") -> Image.Image:
     """``image`` (a PIL image or an ``[H, W(, C)]`` uint8 array) as RGB, or a clear error."""
     if image is None:
         raise ValueError(f"No {what}: upload or paste an image to start from.")
-    if isinstance(image, np.ndarray):
-        image = Image.fromarray(image)
-    if not isinstance(image, Image.Image):
-        raise ValueError(f"The {what} must be a PIL image or an array, got {type(image).__name__}.")
-    if image.width < 1 or image.height < 1:
-        raise ValueError(f"The {what} is empty (0 pixels).")
-    return to_rgb(image)
+    return to_rgb(as_pil(image, what=what))
 
 
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:

@@ -1,21 +1,24 @@
-"""Text-to-image and image-to-image: the networks, the schedule and a sampler put together.
+"""Text-to-image, image-to-image and inpainting: the networks, the schedule and a sampler put together.
 
 Every mode follows one generation path (Rombach et al. 2022, "High-Resolution Image Synthesis
 with Latent Diffusion Models", sec. 3.3), :meth:`StableDiffusion.generate`:
 
 1. check the request against the model (sizes, limits, the sampling plan) before any work;
 2. lay out the σ's the sampler visits (a shorter tail for image-to-image);
-3. draw the initial latents: pure noise, or the encoded image noised to the first σ (the mode's job);
+3. draw the initial latents: pure noise, or the encoded image noised to the first σ (the mode's job,
+   which for inpainting also decides what the UNet sees besides them);
 4. encode the prompt and the negative prompt with the CLIP text encoder;
 5. walk the reverse process with classifier-free guidance;
-6. decode the latents into images (the VAE, or the tiny autoencoder).
+6. decode the latents into images (the VAE, or the tiny autoencoder), and for inpainting paste the
+   original back outside the mask if asked.
 
 The latent scaling factor (0.18215 for SD 1.x/2.x) is applied here, nowhere else.
 
 Randomness: image ``i`` of a request uses its own CPU ``torch.Generator`` seeded with
 ``seed + i``, drawn from in the order diffusers draws (img2img: the VAE posterior sample, then the
-noise; then each ancestral step's noise), so a seed gives the same picture on any device and the
-same picture as diffusers' pipelines given the same weights.
+noise; inpainting: then the masked image's posterior sample too; then each ancestral step's noise),
+so a seed gives the same picture on any device and the same picture as diffusers' pipelines given
+the same weights.
 
 A pipeline holds no per-request state: one instance serves concurrent requests.
 """
@@ -34,11 +37,11 @@ from typing import Any, Protocol
 import torch
 from PIL import Image
 
-from . import denoisers, prompts, samplers, schedules
+from . import denoisers, inpainting, prompts, samplers, schedules
 from .clip import CLIPTextModel
 from .layers import guidance_scale_embedding
+from .images import as_pil, checked_image, native_area_size, pil_to_tensor, tensor_to_pil
 from .lora import LoraStack
-from .images import checked_image, native_area_size, pil_to_tensor, tensor_to_pil
 from .previews import CHEAP_DECODE_PARAMETERS, LatentRGB
 from .request import GenerationRequest, InvalidSetting
 from .samplers import SamplingPlan, StepCallback
@@ -74,20 +77,63 @@ class Generation:
 
 # ------------------------------------------------------------------------------------ modes
 @dataclass(frozen=True)
-class _TextToImage:
+class _Start:
+    """Where a run starts: the initial latents x̃, and for inpainting what the UNet sees besides them."""
+
+    latents: torch.Tensor
+    # A 9-channel inpainting UNet's input after the noisy latents: the latent-size mask and the masked image's latents.
+    unet_channels: torch.Tensor | None = None
+    # A regular UNet's inpainting: the original latents, kept outside the mask.
+    known: denoisers.KnownRegion | None = None
+
+    def model(self, model: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        """The network as this run's UNet sees it: with ``unet_channels`` after the noisy latents."""
+        channels = self.unet_channels
+        if channels is None:
+            return model
+
+        def model_with_channels(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+            # One set per image, repeated for the guidance batch ([uncond, cond] of the same images).
+            return model(torch.cat([x, channels.repeat(x.shape[0] // channels.shape[0], 1, 1, 1)], dim=1), t, context)
+
+        return model_with_channels
+
+    def denoiser(self, denoiser: denoisers.GuidedDenoiser, plan: SamplingPlan) -> samplers.SamplerDenoiser:
+        """The denoiser the sampler walks: for a regular UNet's inpainting, one that keeps the known region."""
+        if self.known is None:
+            return denoiser
+        return denoisers.InpaintingDenoiser(denoiser, self.known, float(plan.sigmas[0]))
+
+    def end(self, latents: torch.Tensor) -> torch.Tensor:
+        """The sampled latents; with a known region, the original outside the mask (the reference's last blend)."""
+        return latents if self.known is None else self.known.restore(latents)
+
+
+class _Mode:
+    """A mode decides the initial latents, what the UNet sees besides them, and what happens after decoding."""
+
+    def initial_latents(self, pipe: StableDiffusion, plan: SamplingPlan, generators: list[torch.Generator]) -> _Start:
+        raise NotImplementedError
+
+    def finish(self, images: list[Image.Image]) -> list[Image.Image]:
+        return images
+
+
+@dataclass(frozen=True)
+class _TextToImage(_Mode):
     """Start from pure noise N(0, I), scaled to the plan's first σ."""
 
     width: int
     height: int
 
-    def initial_latents(self, pipe: StableDiffusion, plan: SamplingPlan, generators: list[torch.Generator]) -> torch.Tensor:
-        factor = pipe.vae.config.downsampling_factor
-        shape = (len(generators), pipe.vae.config.latent_channels, self.height // factor, self.width // factor)
-        return samplers.initial_latents(plan, samplers.draw_noise(shape, generator=generators, device=pipe.device))
+    def initial_latents(self, pipe: StableDiffusion, plan: SamplingPlan, generators: list[torch.Generator]) -> _Start:
+        shape = _latent_shape(pipe, len(generators), self.width, self.height)
+        noise = samplers.draw_noise(shape, generator=generators, device=pipe.device)
+        return _Start(samplers.initial_latents(plan, noise))
 
 
 @dataclass(frozen=True)
-class _ImageToImage:
+class _ImageToImage(_Mode):
     """Start from the encoded image, noised to the plan's first σ (SDEdit, Meng et al. 2022)."""
 
     pixels: torch.Tensor  # [1, 3, H, W] in [-1, 1]
@@ -100,11 +146,53 @@ class _ImageToImage:
     def height(self) -> int:
         return self.pixels.shape[-2]
 
-    def initial_latents(self, pipe: StableDiffusion, plan: SamplingPlan, generators: list[torch.Generator]) -> torch.Tensor:
+    def initial_latents(self, pipe: StableDiffusion, plan: SamplingPlan, generators: list[torch.Generator]) -> _Start:
         # Per generator: first the posterior sample, then the noise (diffusers' order).
         x0 = torch.cat([pipe.encode(self.pixels, generator=g) for g in generators])
         noise = samplers.draw_noise(x0.shape, generator=generators, device=pipe.device)
-        return samplers.noised_latents(plan, x0, noise)
+        return _Start(samplers.noised_latents(plan, x0, noise))
+
+
+@dataclass(frozen=True)
+class _Inpaint(_Mode):
+    """Repaint where the mask is 1 and keep the rest, as diffusers' ``StableDiffusionInpaintPipeline``.
+
+    An inpainting UNet (9 input channels: SD 1.5 and SD 2 inpainting, trained with the mask and
+    the masked image's latents beside the noisy latents, Rombach et al. 2022, sec. 4.5) sees
+    them at every step. A regular UNet repaints through ``denoisers.InpaintingDenoiser``, which
+    keeps the original's latents outside the mask. ``paste``: (original, soft mask) to paste the
+    original back outside the mask after decoding.
+    """
+
+    pixels: torch.Tensor  # [1, 3, H, W] in [-1, 1]
+    pixel_mask: torch.Tensor  # [1, 1, H, W], binary: 1 repaints
+    latent_mask: torch.Tensor  # [1, 1, h, w], binary
+    full_strength: bool  # strength 1: the masked area starts from pure noise
+    paste: tuple[Image.Image, Image.Image] | None = None
+
+    def initial_latents(self, pipe: StableDiffusion, plan: SamplingPlan, generators: list[torch.Generator]) -> _Start:
+        # Per generator, diffusers' order: the image's posterior sample (which an inpainting UNet
+        # starting from pure noise does without), the noise, the masked image's posterior sample.
+        inpainting_unet = pipe.unet.config.in_channels != pipe.vae.config.latent_channels
+        x0 = None
+        if not (inpainting_unet and self.full_strength):
+            x0 = torch.cat([pipe.encode(self.pixels, generator=g) for g in generators])
+        shape = _latent_shape(pipe, len(generators), self.pixels.shape[-1], self.pixels.shape[-2])
+        noise = samplers.draw_noise(shape, generator=generators, device=pipe.device)
+        x = samplers.initial_latents(plan, noise) if self.full_strength else samplers.noised_latents(plan, x0, noise)
+        mask = self.latent_mask.to(pipe.device).expand(len(generators), -1, -1, -1)
+        if not inpainting_unet:
+            # diffusers encodes the masked image for a regular UNet too, and does not use it: draw
+            # what its posterior sample draws, so that ancestral samplers' noise follows the same.
+            samplers.draw_noise(shape, generator=generators, dtype=pipe.vae_dtype)
+            return _Start(x, known=denoisers.KnownRegion(x0, noise, mask))
+        # The masked image: the pixels to repaint set to 0, mid-gray (diffusers: image * (mask < 0.5)).
+        masked_pixels = self.pixels * (1 - self.pixel_mask)
+        masked = torch.cat([pipe.encode(masked_pixels, generator=g) for g in generators])
+        return _Start(x, unet_channels=torch.cat([mask, masked], dim=1))
+
+    def finish(self, images: list[Image.Image]) -> list[Image.Image]:
+        return images if self.paste is None else inpainting.paste_back(images, *self.paste)
 
 
 # ------------------------------------------------------------------------------------ pipeline
@@ -203,35 +291,59 @@ class StableDiffusion:
         request = GenerationRequest(prompt, negative_prompt, **{"strength": 0.75, **options})
         return self.generate(request, image=checked_image(image), callback=callback, cancel=cancel)
 
+    def inpaint(
+        self,
+        image: Image.Image,
+        mask: Image.Image,
+        prompt: str,
+        negative_prompt: str = "",
+        *,
+        callback: StepCallback | None = None,
+        cancel: CancelToken | None = None,
+        **options: Any,
+    ) -> Generation:
+        """Repaint ``image`` where ``mask`` is white, following ``prompt``; keep the rest.
+
+        ``options`` as for :meth:`image_to_image`, with ``strength`` (default 1: pure noise in the
+        mask), ``mask_blur`` (default 0) and ``paste_back`` (default False), as ``inpainting``
+        describes masks, blur and paste. An empty mask is an error; a full mask repaints everything.
+        Without ``paste_back`` a seed gives diffusers' ``StableDiffusionInpaintPipeline``'s picture.
+        """
+        request = GenerationRequest(prompt, negative_prompt, **{"strength": 1.0, "mask_blur": 0, **options})
+        return self.generate(request, image=checked_image(image), mask=as_pil(mask, what="mask"), callback=callback,
+                             cancel=cancel)
+
     def generate(
         self,
         request: GenerationRequest,
         *,
         image: Image.Image | None = None,
+        mask: Image.Image | None = None,
         callback: StepCallback | None = None,
         cancel: CancelToken | None = None,
     ) -> Generation:
-        """The one generation path: text-to-image, or image-to-image when ``image`` is given.
+        """The one generation path: text-to-image; image-to-image with ``image``; inpainting with a ``mask`` too.
 
         ``<lora:NAME:WEIGHT>`` tags in the prompt apply that LoRA (found in ``lora_dirs``) to this
         request only: it runs alone, and the weights are restored exactly afterwards.
         """
+        image = None if image is None else checked_image(image)
+        request = _checked_inputs(self, request, image, mask)
         if image is None and request.strength is not None:
             raise InvalidSetting("strength", "applies to image-to-image only: give an image, or leave strength out.")
-        image = None if image is None else checked_image(image)
         width, height = _request_size(self, request, image)
         plan = _checked_plan(self, request, width, height)
-        mode = _TextToImage(width, height) if image is None else _ImageToImage(_pixels(image, width, height))
+        mode = _mode(self, request, image, mask, width, height)
         if request.seed is None:
             request = dataclasses.replace(request, seed=secrets.randbelow(2**32))
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in request.seeds]
         text, tags = prompts.extract_lora_tags(request.prompt)
         with self._loras.applied(tags, lora_dirs=self.lora_dirs):
-            x = mode.initial_latents(self, plan, generators)
+            start = mode.initial_latents(self, plan, generators)
             # The text encoder sees the prompt without its tags; the PNG keeps it as typed.
-            latents = self._denoise(plan, x, dataclasses.replace(request, prompt=text), generators,
+            latents = self._denoise(plan, start, dataclasses.replace(request, prompt=text), generators,
                                     _step_hook(callback, cancel))
-        images = self.decode(latents, decoder=request.decoder)
+        images = mode.finish(self.decode(latents, decoder=request.decoder))
         label = samplers.SAMPLERS[request.sampler].label
         parameters = [
             request.parameters_text(seed, width, height, sampler_label=label, model=self.name)
@@ -316,30 +428,31 @@ class StableDiffusion:
     def _denoise(
         self,
         plan: SamplingPlan,
-        x: torch.Tensor,
+        start: _Start,
         request: GenerationRequest,
         generators: list[torch.Generator],
         on_step: StepCallback,
     ) -> torch.Tensor:
         num_windows = max(len(self._windows(text)) for text in (request.prompt, request.negative_prompt))
         cond, uncond = (
-            self.encode_prompt(text, clip_skip=request.clip_skip, num_windows=num_windows).float().expand(x.shape[0], -1, -1)
+            self.encode_prompt(text, clip_skip=request.clip_skip, num_windows=num_windows).float().expand(len(generators), -1, -1)
             for text in (request.prompt, request.negative_prompt)
         )
         alphas_cumprod = schedules.alphas_cumprod_from_config(self.scheduler)
         guidance_dim = self.unet.config.time_cond_proj_dim
-        if guidance_dim is None:
-            model, scale = self._model_fn(), request.guidance_scale
-        else:
+        timestep_cond, scale = None, request.guidance_scale
+        if guidance_dim is not None:
             # A guidance-distilled UNet (LCM, Luo et al. 2023, §4.2) takes the guidance weight as an
             # input beside the timestep and needs no guidance batch; diffusers' LCM pipeline feeds
             # w = guidance_scale - 1 and ignores the negative prompt.
             weight = torch.tensor([request.guidance_scale - 1.0])
-            model, scale = self._model_fn(timestep_cond=guidance_scale_embedding(weight, guidance_dim)), 1.0
+            timestep_cond, scale = guidance_scale_embedding(weight, guidance_dim), 1.0
+        model = start.model(self._model_fn(timestep_cond=timestep_cond))
         denoiser = denoisers.Denoiser(model, alphas_cumprod, self.scheduler.prediction_type)
         guided = denoisers.guided(denoiser, cond=cond, uncond=uncond, scale=scale, rescale=request.guidance_rescale)
         with torch.inference_mode():
-            return samplers.run(plan, guided, x, generator=generators, callback=on_step)
+            latents = samplers.run(plan, start.denoiser(guided, plan), start.latents, generator=generators, callback=on_step)
+        return start.end(latents)
 
     def _model_fn(self, *, timestep_cond: torch.Tensor | None = None) -> Callable[..., torch.Tensor]:
         # The sampler's arithmetic stays in float32 whatever the network's precision: small
@@ -417,6 +530,50 @@ def _checked_plan(pipe: StableDiffusion, request: GenerationRequest, width: int,
             )
     strength = 1.0 if request.strength is None else request.strength
     return samplers.plan_sampling(pipe.scheduler, request.sampler, request.steps, strength=strength)
+
+
+def _checked_inputs(
+    pipe: StableDiffusion, request: GenerationRequest, image: Image.Image | None, mask: object
+) -> GenerationRequest:
+    """Check that the inputs suit the request and the UNet; give inpainting's unset strength and
+    mask blur their defaults (1 and 0), which its PNG parameters state as the web UIs do."""
+    latent, channels = pipe.vae.config.latent_channels, pipe.unet.config.in_channels
+    if channels not in (latent, 2 * latent + 1):
+        raise ValueError(
+            f"This UNet takes {channels} input channels: only {latent} (a regular model) and "
+            f"{2 * latent + 1} (an inpainting model: latents, mask and masked image) are supported."
+        )
+    if mask is None:
+        if channels != latent:
+            raise ValueError(f"{pipe.name} is an inpainting model: use inpaint() with an image and a mask.")
+        if request.mask_blur is not None or request.paste_back:
+            setting = "mask_blur" if request.mask_blur is not None else "paste_back"
+            raise InvalidSetting(setting, "applies to inpainting only: give a mask, or leave it out.")
+        return request
+    if image is None:
+        raise ValueError("A mask needs the image it masks: give the image as well.")
+    strength = 1.0 if request.strength is None else request.strength
+    return dataclasses.replace(request, strength=strength, mask_blur=request.mask_blur or 0)
+
+
+def _mode(
+    pipe: StableDiffusion, request: GenerationRequest, image: Image.Image | None, mask: object, width: int, height: int
+) -> _Mode:
+    if image is None:
+        return _TextToImage(width, height)
+    pixels = _pixels(image, width, height)
+    if mask is None:
+        return _ImageToImage(pixels)
+    soft_mask = inpainting.blurred(inpainting.read_mask(mask, size=image.size), request.mask_blur)
+    factor = pipe.vae.config.downsampling_factor
+    pixel_mask, latent_mask = inpainting.model_masks(soft_mask, width, height, downsampling_factor=factor)
+    paste = (image, soft_mask) if request.paste_back else None
+    return _Inpaint(pixels, pixel_mask, latent_mask, full_strength=request.strength == 1, paste=paste)
+
+
+def _latent_shape(pipe: StableDiffusion, batch: int, width: int, height: int) -> tuple[int, int, int, int]:
+    factor = pipe.vae.config.downsampling_factor
+    return batch, pipe.vae.config.latent_channels, height // factor, width // factor
 
 
 def _pixels(image: Image.Image, width: int, height: int) -> torch.Tensor:

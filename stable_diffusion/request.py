@@ -19,6 +19,7 @@ from .samplers import SAMPLERS
 __all__ = [
     "DECODERS",
     "MAX_GUIDANCE_SCALE",
+    "MAX_MASK_BLUR",
     "MAX_SEED",
     "GenerationRequest",
     "InvalidSetting",
@@ -28,6 +29,7 @@ __all__ = [
 
 MAX_SEED = 2**63 - 1
 MAX_GUIDANCE_SCALE = 30.0
+MAX_MASK_BLUR = 64  # pixels, as far as the popular web UIs' slider goes
 DECODERS = ("full", "tiny")
 """``full``: the model's VAE decoder; ``tiny``: the tiny autoencoder (TAESD), ~18x cheaper."""
 
@@ -60,8 +62,10 @@ class GenerationRequest:
     ``width``/``height``: multiples of 8; ``None`` is the model's native size for text-to-image
     and the input's aspect ratio at the native area for image-to-image. ``clip_skip`` counts as
     the web UIs do: 1 uses the text encoder's last layer, 2 the one before it. ``strength`` is
-    image-to-image's (None for text-to-image). ``guidance_scale`` ≤ 1 means no guidance: one
-    conditional pass per step, as diffusers does.
+    image-to-image's and inpainting's (None for text-to-image). ``guidance_scale`` ≤ 1 means no
+    guidance: one conditional pass per step, as diffusers does. ``mask_blur`` (σ in pixels of a
+    Gaussian blur of the mask) and ``paste_back`` (the original's pixels outside the blurred mask)
+    are inpainting's; the pipeline sets an unset strength and mask blur of an inpainting request.
     """
 
     prompt: str
@@ -77,6 +81,8 @@ class GenerationRequest:
     guidance_rescale: float = 0.0
     strength: float | None = None
     decoder: str = "full"
+    mask_blur: int | None = None
+    paste_back: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str):
@@ -107,6 +113,12 @@ class GenerationRequest:
             )
         if self.strength is not None and not _is_number(self.strength):
             raise InvalidSetting("strength", f"must be a number in (0, 1], got {self.strength!r}.")
+        if self.mask_blur is not None and not (_is_whole(self.mask_blur) and 0 <= self.mask_blur <= MAX_MASK_BLUR):
+            raise InvalidSetting(
+                "mask_blur", f"must be a whole number of pixels from 0 to {MAX_MASK_BLUR}, got {self.mask_blur!r}."
+            )
+        if not isinstance(self.paste_back, bool):
+            raise InvalidSetting("paste_back", f"must be True or False, got {self.paste_back!r}.")
         if self.decoder not in DECODERS:
             raise InvalidSetting("decoder", f"must be one of {', '.join(DECODERS)}, got {self.decoder!r}.")
 
@@ -132,6 +144,8 @@ class GenerationRequest:
         ]
         if self.strength is not None:
             fields.append(f"Denoising strength: {self.strength:g}")
+        if self.mask_blur is not None:
+            fields.append(f"Mask blur: {self.mask_blur}")
         if self.clip_skip > 1:
             fields.append(f"Clip skip: {self.clip_skip}")
         if self.guidance_rescale:
@@ -181,11 +195,12 @@ def settings_from_parameters(fields: dict[str, str]) -> dict[str, Any]:
     """The request settings that parsed parameters give (see ``parse_parameters_text``).
 
     Only what this package can reproduce: prompt, negative prompt, steps, sampler, guidance, seed,
-    size, CLIP skip and strength; unknown samplers and malformed numbers are left out.
+    size, CLIP skip, strength and mask blur; unknown samplers and malformed numbers are left out.
     """
     settings: dict[str, Any] = {"prompt": fields.get("Prompt", ""), "negative_prompt": fields.get("Negative prompt", "")}
     numbers_ = {"Steps": ("steps", int), "CFG scale": ("guidance_scale", float), "Seed": ("seed", int),
-                "Clip skip": ("clip_skip", int), "Denoising strength": ("strength", float)}
+                "Clip skip": ("clip_skip", int), "Denoising strength": ("strength", float),
+                "Mask blur": ("mask_blur", int)}
     for key, (setting, kind) in numbers_.items():
         try:
             settings[setting] = kind(fields[key])

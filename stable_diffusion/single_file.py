@@ -499,8 +499,9 @@ def hub_configs(
     checkpoint, or a sidecar, see ``read_sidecar``) and otherwise from SD's conventions:
 
     * prediction type: ``prediction_type`` if given; else the config's; else ε for SD 1.x and v for
-      SD 2.x, whose 768-px models (2.0, 2.1) predict v. SD 2.x-base and other ε-prediction SD 2.x
-      checkpoints need ``prediction_type="epsilon"`` or a sidecar saying so. A file in sgm's layout
+      SD 2.x, whose 768-px models (2.0, 2.1) predict v, but ε for SD 2 inpainting (a 9-channel
+      UNet, 512 px). SD 2.x-base and other ε-prediction SD 2.x checkpoints need
+      ``prediction_type="epsilon"`` or a sidecar saying so. A file in sgm's layout
       (text encoder under ``conditioner.embedders.0.model``) is taken for SD-Turbo, the one SD 2.x
       model Stability released in that layout: ε, and SD-Turbo's scheduler config (trailing
       timestep spacing, so that 1-4 steps start at t = 999). Its tensors are those of SD 2.1 and
@@ -515,7 +516,12 @@ def hub_configs(
     clip_layout = _clip_layout_from_ldm(set(state))
     ldm_config = original_config or {}
     ldm_params = (ldm_config.get("model") or {}).get("params") or {}
-    prediction = _prediction_type(prediction_type, ldm_config, ldm_params, clip_layout=clip_layout)
+    # An inpainting UNet also takes the mask and the masked image's latents: 2·4 + 1 input channels.
+    unet = networks["unet"]
+    inpainting = unet["conv_in.weight"].shape[1] == 2 * unet["conv_out.weight"].shape[0] + 1
+    prediction = _prediction_type(
+        prediction_type, ldm_config, ldm_params, clip_layout=clip_layout, inpainting=inpainting
+    )
     family = _family(clip_layout, prediction)
     # LDM's yaml configures the UNet under unet_config, sgm's under network_config.
     unet_params = (ldm_params.get("unet_config") or ldm_params.get("network_config") or {}).get("params") or {}
@@ -556,6 +562,7 @@ def _prediction_type(
     ldm_params: Mapping[str, Any],
     *,
     clip_layout: CLIPLayout,
+    inpainting: bool,
 ) -> str:
     if prediction_type is None:
         prediction_type = ldm_config.get("prediction_type")
@@ -567,8 +574,10 @@ def _prediction_type(
         scaling_class = str(scaling["target"]).rsplit(".", 1)[-1]  # sgm.modules.[...].EpsScaling
         prediction_type = _prediction_named("sgm denoiser scaling", scaling_class, _SGM_SCALINGS)
     if prediction_type is None:
-        # SD 2.0 / 2.1 (768 px) predict v; SD 1.x and SD-Turbo (sgm's layout) predict ε.
-        prediction_type = "v_prediction" if clip_layout.prefix == OPEN_CLIP_PREFIX else "epsilon"
+        # SD 2.0 / 2.1 (768 px) predict v; SD 1.x, SD 2 inpainting (512 px, a 9-channel UNet) and
+        # SD-Turbo (sgm's layout) predict ε.
+        v_prediction = clip_layout.prefix == OPEN_CLIP_PREFIX and not inpainting
+        prediction_type = "v_prediction" if v_prediction else "epsilon"
         logger.info("assuming %s prediction (text encoder under %s*)", prediction_type, clip_layout.prefix)
     check_prediction_type(prediction_type)
     return prediction_type

@@ -29,6 +29,8 @@ LABELS = {
     "clip_skip": "CLIP skip",
     "strength": "Strength",
     "decoder": "Decoder",
+    "mask_blur": "Mask blur",
+    "paste_back": "Paste back",
 }
 
 

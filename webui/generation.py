@@ -29,7 +29,10 @@ from .errors import RequestError, user_error
 from .inputs import CheckedDropdown, CheckedImage, CheckedNumber, CheckedSlider
 from .served import ServedModel, gpu
 
-__all__ = ["GENERATION_CONCURRENCY", "MAX_IMAGES", "MAX_STEPS", "Controls", "generation_tab"]
+__all__ = [
+    "GENERATION_CONCURRENCY", "MAX_IMAGES", "MAX_STEPS", "Controls", "generation_tab", "result_components",
+    "stream_generation",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +107,7 @@ def generation_tab(served: ServedModel, *, prefix: str, takes_image: bool, examp
                                      elem_id=f"{prefix}-generate")
                 stop = gr.Button("Stop", variant="stop", elem_id=f"{prefix}-stop")
         with gr.Column():
-            outputs = _results(prefix)
+            outputs = result_components(prefix)
     if takes_image:  # rows of (image, prompt, strength)
         example_inputs = [extra_inputs[0], controls.prompt, extra_inputs[1]]
     else:  # rows of (prompt, negative prompt)
@@ -126,7 +129,8 @@ def _image_inputs(prefix: str) -> list[gr.components.Component]:
     return [image, strength]
 
 
-def _results(prefix: str) -> list[gr.components.Component]:
+def result_components(prefix: str) -> list[gr.components.Component]:
+    """The results column: the gallery of PNG files, the live preview and the parameters text."""
     gallery = gr.Gallery(label="Results (PNG files carry their parameters)", columns=2, height=512,
                          object_fit="contain", buttons=["download", "fullscreen"], elem_id=f"{prefix}-gallery",
                          elem_classes=["label-above"])
@@ -145,7 +149,7 @@ def _text_to_image(served: ServedModel) -> Callable[..., Iterator[tuple[Any, Any
                       progress: gr.Progress = gr.Progress()) -> Iterator[tuple[Any, Any, str]]:
         settings = dict(negative_prompt=negative_prompt, sampler=sampler, steps=steps, guidance_scale=guidance_scale,
                         width=width, height=height, seed=seed, num_images=num_images)
-        yield from _stream(served, prompt, settings, None, progress)
+        yield from stream_generation(served, prompt, settings, None, progress)
 
     return text_to_image
 
@@ -160,7 +164,7 @@ def _image_to_image(served: ServedModel) -> Callable[..., Iterator[tuple[Any, An
         settings = dict(negative_prompt=negative_prompt, sampler=sampler, steps=steps, guidance_scale=guidance_scale,
                         width=width or None, height=height or None, seed=seed, num_images=num_images,
                         strength=strength)
-        yield from _stream(served, prompt, settings, image, progress)
+        yield from stream_generation(served, prompt, settings, image, progress)
 
     return image_to_image
 
@@ -174,9 +178,11 @@ def _request(prompt: str, settings: dict[str, Any]) -> GenerationRequest:
 
 
 # ------------------------------------------------------------------------------------ streaming
-def _stream(served: ServedModel, prompt: str, settings: dict[str, Any], image: Image.Image | None,
-            progress: gr.Progress) -> Iterator[tuple[Any, Any, str]]:
+def stream_generation(served: ServedModel, prompt: str, settings: dict[str, Any], image: Image.Image | None,
+                      progress: gr.Progress, *, mask: Image.Image | None = None) -> Iterator[tuple[Any, Any, str]]:
     """Run a generation in a worker thread; yield live previews, then the finished PNG files.
+
+    ``image`` and ``mask`` go to ``StableDiffusion.generate`` (image to image, inpainting).
 
     The sampler's callback feeds a queue that this generator drains, so a slow browser never slows
     the sampling (previews it could not show in time are skipped). When Gradio closes the
@@ -190,7 +196,8 @@ def _stream(served: ServedModel, prompt: str, settings: dict[str, Any], image: I
         raise user_error(error) from None
     updates: queue.Queue = queue.Queue()
     cancel = threading.Event()
-    threading.Thread(target=_work, args=(served, request, image, updates, cancel), name="generation", daemon=True).start()
+    threading.Thread(target=_work, args=(served, request, image, mask, updates, cancel), name="generation",
+                     daemon=True).start()
     try:
         while True:
             update = updates.get()
@@ -214,13 +221,14 @@ def _stream(served: ServedModel, prompt: str, settings: dict[str, Any], image: I
         cancel.set()
 
 
-def _work(served: ServedModel, request: GenerationRequest, image: Image.Image | None, updates: queue.Queue,
-          cancel: threading.Event) -> None:
+def _work(served: ServedModel, request: GenerationRequest, image: Image.Image | None, mask: Image.Image | None,
+          updates: queue.Queue, cancel: threading.Event) -> None:
     def on_step(step: int, total: int, x0_latents: torch.Tensor) -> None:  # runs in the job's turn: pipe is fixed
         updates.put(("step", step, total, _enlarged(grid(served.pipe.preview(x0_latents)))))
 
     try:
-        updates.put(("done", served.generate([request], door="page", image=image, callback=on_step, cancel=cancel)[0]))
+        result = served.generate([request], door="page", image=image, mask=mask, callback=on_step, cancel=cancel)[0]
+        updates.put(("done", result))
     except GenerationCancelled as error:  # the user pressed Stop or left, or an API client interrupted it
         logger.info("Generation stopped: %s", error)
         updates.put(("stopped", error))

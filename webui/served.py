@@ -53,20 +53,21 @@ class ServedModel:
         return self.pipe is not None and Path(self.pipe.name).name == "tiny-shapes"
 
     def generate(self, requests: Sequence[GenerationRequest], *, door: str, image: Image.Image | None = None,
-                 callback: StepCallback | None = None, cancel: CancelToken | None = None) -> list[Generation]:
+                 mask: Image.Image | None = None, callback: StepCallback | None = None,
+                 cancel: CancelToken | None = None) -> list[Generation]:
         """Run ``requests`` one after the other in one turn of the model's queue, on the model served then.
 
-        ``door`` says who asked (for the log); ``callback`` and ``cancel`` as for
+        ``door`` says who asked (for the log); ``image``, ``mask``, ``callback`` and ``cancel`` as for
         ``StableDiffusion.generate``. An interrupt of the job (``queue.interrupt()``) stops it as
         ``cancel`` does.
         """
-        name = "txt2img" if image is None else "img2img"
+        name = "txt2img" if image is None else "img2img" if mask is None else "inpaint"
         with self.queue.turn(name, door=door, parts=len(requests), cancel=cancel) as job:
             job.pipe = self.require()
             results = []
             for part, request in enumerate(requests):
                 job.part, job.step = part, 0
-                results.append(job.pipe.generate(request, image=image, callback=job.observe(callback),
+                results.append(job.pipe.generate(request, image=image, mask=mask, callback=job.observe(callback),
                                                  cancel=job.stop_when(cancel)))
             return results
 

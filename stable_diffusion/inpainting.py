@@ -89,6 +89,26 @@ def paste_back(images: list[Image.Image], original: Image.Image, mask: Image.Ima
     return [Image.composite(image, original, mask) for image in resized]
 
 
+def fill_masked(image: Image.Image, mask: Image.Image) -> Image.Image:
+    """``image`` with its masked area (white in ``mask``) painted in the colours around it.
+
+    What the web UIs call the "fill" start for inpainting at a strength below 1: the kept pixels,
+    weighted by how much they are kept (premultiplied alpha), are blurred at decreasing radii and
+    layered, so wide blurs carry colour deep into the hole and narrow ones keep it sharp near its
+    edge; the kept area itself comes out unchanged.
+    """
+    keep = Image.fromarray(255 - np.asarray(mask.convert("L")))
+    kept = image.convert("RGBA")
+    kept.putalpha(keep)
+    premultiplied = kept.convert("RGBa")
+    filled = Image.new("RGBA", image.size)
+    for radius, layers in ((256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1)):
+        layer = premultiplied.filter(ImageFilter.GaussianBlur(radius)).convert("RGBA")
+        for _ in range(layers):
+            filled.alpha_composite(layer)
+    return filled.convert("RGB")
+
+
 def outpaint_canvas(
     image: Image.Image,
     *,

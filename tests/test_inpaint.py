@@ -496,3 +496,17 @@ def test_full_size_inpainting_matches_diffusers(hub_layouts, monkeypatch, unet, 
     assert 0.05 < ((expected > 0) & (expected < 255)).mean(), "a saturated picture would prove little"
     scale = float(expected_latents.abs().max())
     assert float((latents - expected_latents).abs().max()) < 1e-4 * scale
+
+
+def test_fill_paints_the_hole_in_the_colours_around_it() -> None:
+    from stable_diffusion.inpainting import fill_masked
+
+    picture = Image.new("RGB", (64, 64), (200, 30, 30))
+    picture.paste((30, 30, 200), (0, 32, 64, 64))  # red above, blue below
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))  # a hole across the border
+    filled = np.asarray(fill_masked(picture, mask)).astype(int)
+    keep = np.asarray(mask) == 0
+    np.testing.assert_array_equal(filled[keep], np.asarray(picture)[keep])
+    # Inside the hole, red near the red side and blue near the blue side: the colours around it.
+    assert filled[18, 32, 0] > filled[18, 32, 2] and filled[45, 32, 2] > filled[45, 32, 0]

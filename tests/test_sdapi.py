@@ -339,7 +339,12 @@ HOSTILE = [
     ("img2img", {"init_images": [base64.b64encode(b"hello, not a picture").decode()]}, 422, "not an image"),
     ("img2img", {"init_images": ["https://example.com/cat.png"]}, 422, "this server fetches nothing"),
     ("img2img", _huge_png, 422, "is 8000x8000: over"),
-    ("img2img", {"init_images": ["x"], "mask": "y"}, 422, "inpainting through the API is not available"),
+    ("img2img", lambda: {"init_images": [b64(Image.new("RGB", (32, 32)))], "mask": "!!!"}, 422,
+     "mask is not valid base64"),
+    ("img2img", lambda: {"init_images": [b64(Image.new("RGB", (32, 32)))], "mask": b64(Image.new("L", (32, 32), 255)),
+                         "inpainting_fill": 2}, 422, "inpainting_fill must be 0 (fill) or 1 (original)"),
+    ("img2img", lambda: {"init_images": [b64(Image.new("RGB", (32, 32)))], "mask": b64(Image.new("L", (32, 32), 0))},
+     422, "mask"),
     ("img2img", {"init_images": [], "denoising_strength": 0.5}, 422, "exactly one image"),
     ("png-info", {"image": "%%%"}, 422, "image is not valid base64"),
     ("txt2img", _huge_body, 413, "over 32 MiB"),
@@ -374,6 +379,24 @@ def guarded_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with serve_app("--model", str(model), "--device", "cpu", "--dtype", "float32", "--auth", "bob:page-secret",
                    "--api-auth", "alice:api-secret", log=log) as url:
         yield url
+
+
+def test_img2img_with_a_mask_inpaints_and_keeps_the_rest(api: webuiapi.WebUIApi, client: Client) -> None:
+    """The web UI's inpainting fields: the mask (white repaints), its blur, and the picture pasted back."""
+    picture = Image.new("RGB", (32, 32), (30, 70, 220))
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (8, 8, 24, 24))
+    result = api.img2img(images=[picture], mask_image=mask, prompt=CIRCLE, denoising_strength=1.0, mask_blur=0,
+                         inpainting_fill=1, seed=3, **QUICK)
+    out = pixels(result.image)
+    assert out.shape == (32, 32, 3)
+    outside = np.asarray(mask) == 0
+    np.testing.assert_array_equal(out[outside], pixels(picture)[outside])
+    assert "Mask blur: 0" in result.info["infotexts"][0] and "Denoising strength: 1" in result.info["infotexts"][0]
+    # webuiapi's own default start, "fill" (0), and an inverted mask: the hole is now outside.
+    filled = api.img2img(images=[picture], mask_image=mask, prompt=CIRCLE, denoising_strength=0.6, seed=3,
+                         inpainting_mask_invert=1, **QUICK)
+    np.testing.assert_array_equal(pixels(filled.image)[~outside], pixels(picture)[~outside])
 
 
 def test_logins_guard_the_api(guarded_url: str) -> None:

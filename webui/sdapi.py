@@ -26,10 +26,11 @@ import anyio
 import torch
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
-from PIL import Image
+from PIL import Image, ImageOps
 from pydantic import BaseModel, ValidationError
 from starlette.routing import BaseRoute
 
+from stable_diffusion import inpainting
 from stable_diffusion.hub import ModelLoadError
 from stable_diffusion.images import grid
 from stable_diffusion.pipelines import Generation, GenerationCancelled
@@ -114,8 +115,12 @@ def _scripts() -> dict[str, list[str]]:
 
 @gpu
 def _generate_on_device(served: ServedModel, requests: list[GenerationRequest], image: Image.Image | None,
-                        cancel: threading.Event) -> list[Generation]:
-    return served.generate(requests, door="api", image=image, cancel=cancel)
+                        mask: Image.Image | None, cancel: threading.Event) -> list[Generation]:
+    return served.generate(requests, door="api", image=image, mask=mask, cancel=cancel)
+
+
+# The web UI's starts for the masked area that apply: 0 "fill" (the colours around it), 1 "original".
+INPAINTING_FILLS = (0, 1)
 
 
 class _WebUIApi:
@@ -135,31 +140,39 @@ class _WebUIApi:
 
     async def img2img(self, request: Request) -> dict[str, Any]:
         payload = await _payload(request, ImageToImagePayload)
-        if payload.mask:
-            raise HTTPException(422, "mask: inpainting through the API is not available on this server yet; "
-                                     "send init_images without a mask for image to image.")
         if len(payload.init_images) != 1:
             raise HTTPException(422, f"init_images must hold exactly one image, got {len(payload.init_images)}.")
+        if payload.mask and payload.inpainting_fill not in (None, *INPAINTING_FILLS):
+            raise HTTPException(422, f"inpainting_fill must be 0 (fill) or 1 (original) here, got {payload.inpainting_fill}"
+                                     " (the latent noise and latent nothing starts are not served).")
         with _http_errors():
             image = decode_image(payload.init_images[0], field="init_images[0]")
+            mask = decode_image(payload.mask, field="mask") if payload.mask else None
+            if mask is not None:
+                mask = inpainting.read_mask(mask, size=image.size)
+                if payload.inpainting_mask_invert:
+                    mask = ImageOps.invert(mask)
+                if payload.inpainting_fill == 0:
+                    image = inpainting.fill_masked(image, mask)
         strength = 0.75 if payload.denoising_strength is None else payload.denoising_strength
-        return await self._generate(request, payload, image=image, strength=strength)
+        return await self._generate(request, payload, image=image, strength=strength, mask=mask)
 
     async def _generate(self, request: Request, payload: TextToImagePayload | ImageToImagePayload, *,
-                        image: Image.Image | None, strength: float | None) -> dict[str, Any]:
+                        image: Image.Image | None, strength: float | None,
+                        mask: Image.Image | None = None) -> dict[str, Any]:
         pipe = self.served.pipe
         if pipe is None:
             raise HTTPException(503, f"No model is loaded, so this server cannot generate images. {self.served.notice}")
         self._check_model_override(payload.override_settings or {})
         with _http_errors():
             requests = generation_requests(payload, strength=strength, max_steps=MAX_STEPS,
-                                           max_images=min(MAX_IMAGES, pipe.max_images))
+                                           max_images=min(MAX_IMAGES, pipe.max_images), inpainting=mask is not None)
         if self.served.queue.waiting >= MAX_WAITING:
             raise HTTPException(503, f"Busy: {MAX_WAITING} requests are already waiting. Try again later.",
                                 headers={"Retry-After": "10"})
         with _http_errors():
             results = await self._in_worker(request, lambda cancel: _generate_on_device(
-                self.served, requests, image, cancel))
+                self.served, requests, image, mask, cancel))
         images = [encode_png(picture, text) for result in results
                   for picture, text in zip(result.images, result.parameters, strict=True)]
         echo = payload.model_dump(exclude=set() if getattr(payload, "include_init_images", False) else {"init_images", "mask"})

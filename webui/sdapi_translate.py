@@ -79,7 +79,10 @@ class TextToImagePayload(_Payload):
 class ImageToImagePayload(_Payload):
     init_images: list[str]
     denoising_strength: float | None = 0.75
-    mask: str | None = None  # inpainting: not served yet (see sdapi.py)
+    mask: str | None = None  # inpainting: white repaints (base64, like init_images)
+    mask_blur: int | None = None
+    inpainting_fill: int | None = None  # 1 ("original", the web UI's default) is what this server does
+    inpainting_mask_invert: int | None = 0  # 1: black repaints
     include_init_images: bool | None = False
 
 
@@ -156,8 +159,8 @@ def sampler_list() -> list[dict[str, Any]]:
 
 
 # ------------------------------------------------------------------------------------ requests
-def generation_requests(payload: _Payload, *, strength: float | None, max_steps: int,
-                        max_images: int) -> list[GenerationRequest]:
+def generation_requests(payload: _Payload, *, strength: float | None, max_steps: int, max_images: int,
+                        inpainting: bool = False) -> list[GenerationRequest]:
     """One request per iteration (``n_iter``) of ``batch_size`` images, the seeds continuing.
 
     ``seed`` -1 draws one here, so that the iterations continue from it. The server's limits on
@@ -187,6 +190,10 @@ def generation_requests(payload: _Payload, *, strength: float | None, max_steps:
         settings["steps"] = payload.steps
     if payload.cfg_scale is not None:
         settings["guidance_scale"] = payload.cfg_scale
+    if inpainting:
+        # The web UI always pastes the picture back outside the (blurred) mask; so does this server.
+        blur = getattr(payload, "mask_blur", None)
+        settings.update(mask_blur=4 if blur is None else blur, paste_back=True)
     request = GenerationRequest(payload.prompt or "", seed=seed, **settings)
     return [dataclasses.replace(request, seed=seed + i * batch) for i in range(iterations)]
 
@@ -194,6 +201,7 @@ def generation_requests(payload: _Payload, *, strength: float | None, max_steps:
 # The request's settings under the API's field names, for error messages.
 _API_NAMES = {"guidance_scale": "cfg_scale", "num_images": "batch_size", "sampler": "sampler_name",
               "strength": "denoising_strength", "clip_skip": "override_settings.CLIP_stop_at_last_layers",
+              "mask_blur": "mask_blur",
               "size": "width x height"}
 
 

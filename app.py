@@ -151,8 +151,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         device = parse_device(args.device)
         dtype = parse_dtype(args.dtype) or default_dtype(device)
-    except ValueError as error:
-        parser.error(str(error))
+    except ValueError as error:  # one line, without the usage: the flag was understood, the machine lacks it
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
     source = args.model or os.environ.get("SD_MODEL") or DEFAULT_MODEL
     served = load_model(source, device=device, dtype=dtype)
     if served.pipe is not None:

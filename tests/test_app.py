@@ -425,7 +425,7 @@ def test_every_setting_with_a_natural_default_has_one_in_the_api(client: Client)
                 for name, endpoint in api["named_endpoints"].items()}
     assert required == {"/text_to_image": [], "/image_to_image": ["image"], "/schedule_plot": [],
                         "/noise_pixels": [], "/noise_latents": [], "/png_info": ["image"],
-                        "/parse_parameters": ["text"]}
+                        "/parse_parameters": ["text"], "/inpaint": ["editor"]}
     gallery, _preview, parameters = client.predict("a red circle", api_name="/text_to_image")
     assert gallery_images(gallery)[0].size == (64, 64)
     assert "Steps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7.5" in parameters

@@ -25,6 +25,8 @@ from stable_diffusion.pipelines import Generation
 from stable_diffusion.request import GenerationRequest, InvalidSetting, parse_parameters_text, settings_from_parameters
 from stable_diffusion.samplers import SAMPLERS
 
+from .inputs import MAX_IMAGE_MEGAPIXELS
+
 __all__ = [
     "SCHEDULERS",
     "ImageToImagePayload",
@@ -40,9 +42,6 @@ __all__ = [
     "sampler_list",
 ]
 
-# An input image of more pixels is refused before it is decompressed (a 16k x 16k PNG of one colour
-# is a few kB of base64 and 768 MB of RGB). Any larger photo is resized to the model's size anyway.
-MAX_INPUT_PIXELS = 4096 * 4096
 # Far above the pipeline's own limit (8 CLIP windows of 75 tokens): refused before tokenizing, so a
 # pasted megabyte costs nothing.
 MAX_PROMPT_CHARS = 20_000
@@ -224,13 +223,16 @@ def decode_image(data: object, *, field: str) -> Image.Image:
         raw = base64.b64decode("".join(text.split()), validate=True)
     except (binascii.Error, ValueError):
         raise InvalidSetting(field, "is not valid base64: send the image file's bytes, base64-encoded.") from None
+    too_large = f"has more than {MAX_IMAGE_MEGAPIXELS} megapixels, the most this server opens: shrink it first."
     try:
         image = Image.open(io.BytesIO(raw))
-        if image.width * image.height > MAX_INPUT_PIXELS:
-            raise InvalidSetting(field, f"is {image.width}x{image.height}: over {MAX_INPUT_PIXELS} pixels. Downscale it.")
+        if image.width * image.height > MAX_IMAGE_MEGAPIXELS * 1_000_000:
+            raise InvalidSetting(field, f"is {image.width}x{image.height}: {too_large}")
         image.load()
     except InvalidSetting:
         raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # the page's limit, set process-wide
+        raise InvalidSetting(field, too_large) from None
     except Exception as error:  # a corrupt file raises anything from OSError to SyntaxError: the client's fault
         raise InvalidSetting(field, f"is not an image this server can read ({type(error).__name__}: {error}).") from None
     return image

@@ -11,12 +11,19 @@ unless ``REQUIRE_BROWSER=1`` (CI), where it fails.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
+from conftest import HUB_LAYOUTS
 from PIL import Image
+from safetensors.torch import save_file
 from test_app import REPO, WEB_UI_EXAMPLE, make_tiny_model, serve_app
+
+from stable_diffusion.taesd import TAESDConfig, TinyAutoencoder
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -105,6 +112,78 @@ def test_page_generates_and_screenshots_every_tab(tmp_path: Path) -> None:
                     SCREENSHOTS / path.name, optimize=True)
 
 
+@pytest.mark.browser
+def test_model_picker_and_lora_list(tmp_path: Path) -> None:
+    """Insert a LoRA tag from the list, refresh the list, load a few-step model: the page takes its defaults."""
+    sync_playwright = _browser_or_skip()
+    model = make_tiny_model(tmp_path / "tiny-random")
+    turbo = make_tiny_model(tmp_path / "tiny-turbo")
+    shutil.copyfile(HUB_LAYOUTS / "sd-turbo" / "scheduler" / "scheduler_config.json",
+                    turbo / "scheduler" / "scheduler_config.json")
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    save_file({"lora_unet_x.alpha": torch.tensor(1.0)}, loras / "tiny-style.safetensors")  # the list reads names
+    with serve_app("--model", str(model), "--device", "cpu", "--dtype", "float32", "--lora-dir", str(loras),
+                   "--tiny-vae", str(_tiny_taesd(tmp_path / "taesd")), log=tmp_path / "app.log") as url, \
+            sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.set_default_timeout(TIMEOUT_MS)
+            page.goto(url)
+            page.locator("#header").get_by_text("tiny-random").wait_for(state="visible")
+            _check_no_error_shown(page)  # the page's refresh on opening leaves it as it is
+            assert page.locator("#t2i-lora input").input_value() == "tiny-style"
+            page.locator("#t2i-prompt textarea").fill("a red circle")
+            page.locator("#t2i-lora-insert").click()
+            _wait_for_textarea_containing(page, "a red circle <lora:tiny-style:0.8>")
+            save_file({"lora_unet_x.alpha": torch.tensor(1.0)}, loras / "another-style.safetensors")
+            page.locator("#t2i-lora-refresh").click()
+            page.wait_for_function("() => document.querySelector('#t2i-lora input').value === 'another-style'")
+            assert page.locator("#t2i-decoder input").input_value() == "Full VAE"  # a 20-step model
+            _check_controls_layout(page, "t2i", extra=("lora", "decoder"))
+
+            picker = page.locator("#model-picker input")
+            picker.fill(str(turbo))
+            picker.press("Enter")
+            page.locator("#model-load").click()
+            page.locator("#header").get_by_text("tiny-turbo").wait_for(state="visible")
+            _wait_for_few_step_defaults(page)
+            page.locator("#t2i-prompt textarea").fill("a red circle")  # without the tag of a LoRA that is no LoRA
+            page.locator("#t2i-generate").click()
+            _wait_for_textarea_containing(page, "Model: tiny-turbo")
+
+            page.reload()  # a page opened after the switch shows the model served, not the one at start
+            page.locator("#header").get_by_text("tiny-turbo").wait_for(state="visible")
+            _wait_for_few_step_defaults(page)
+            assert page.locator("#model-picker input").input_value() == "tiny-turbo"
+            _check_no_error_shown(page)
+        finally:
+            browser.close()
+
+
+def _tiny_taesd(folder: Path) -> Path:
+    """A tiny random TAESD in diffusers' AutoencoderTiny layout."""
+    folder.mkdir()
+    config = TAESDConfig.tiny()
+    save_file(TinyAutoencoder(config).state_dict(), folder / "diffusion_pytorch_model.safetensors")
+    (folder / "config.json").write_text(json.dumps(config.to_hub_config()))
+    return folder
+
+
+def _check_no_error_shown(page) -> None:
+    """No "Error" badge on any component (Gradio shows one where an event failed), after the events settle."""
+    page.wait_for_timeout(1500)
+    assert page.get_by_text("Error", exact=True).count() == 0
+
+
+def _wait_for_few_step_defaults(page) -> None:
+    page.wait_for_function("() => document.querySelector('#t2i-steps input[type=number]').value === '1'")
+    values = {name: page.locator(f"#t2i-{name} input").first.input_value()
+              for name in ("sampler", "guidance-scale", "decoder")}
+    assert values == {"sampler": "Euler a", "guidance-scale": "0", "decoder": "Tiny (TAESD)"}
+
+
 def _png_info_sends_to_text_to_image(page, folder: Path) -> Path:
     """Open the web UI example in the PNG info tab, screenshot it, send it, and check text to image's fields."""
     page.get_by_role("tab", name="PNG info").click()
@@ -133,10 +212,11 @@ def _png_info_sends_to_text_to_image(page, folder: Path) -> Path:
     return shot
 
 
-def _check_controls_layout(page, prefix: str) -> None:
-    """Each setting's label on one line; the sampler's name whole, clear of the dropdown's arrow."""
+def _check_controls_layout(page, prefix: str, extra: tuple[str, ...] = ()) -> None:
+    """Each setting's label on one line (``extra``: settings shown only with some models or flags); the
+    sampler's name whole, clear of the dropdown's arrow."""
     for name in ("prompt", "negative-prompt", "sampler", "steps", "guidance-scale", "num-images", "width", "height",
-                 "seed"):
+                 "seed", *extra):
         lines = page.evaluate(
             """id => { const range = document.createRange();
                        range.selectNodeContents(document.querySelector(`#${id} [data-testid=block-info]`));

@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import subprocess
+import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,8 +25,8 @@ import torch
 from conftest import HUB_LAYOUTS, build_tiny_reference_pipeline
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
-from test_app import (EXAMPLE_IMAGE, FAST, REPO, gallery_images, make_tiny_model, pixels, serve_app, text_to_image,
-                      wait_for)
+from test_app import (APP, EXAMPLE_IMAGE, FAST, REPO, gallery_images, make_tiny_model, page_text, pixels, serve_app,
+                      text_to_image, wait_for)
 from test_lora import kohya_keys, random_lora, write
 
 from stable_diffusion.clip import CLIPTextConfig, CLIPTextModel
@@ -325,3 +327,19 @@ def test_lora_list_and_tagged_prompts_in_every_tab(client: Client, app_url: str,
     assert parameters.startswith(tagged + "\n")
     with pytest.raises(AppError, match="unknown LoRA 'missing'.*Available: tiny-style"):
         text_to_image(client, "a red circle <lora:missing:1>", seed=1)
+
+
+# ------------------------------------------------------------------------------------ starting
+def test_without_a_model_flag_a_cpu_asks_for_sd_turbo_and_offline_gets_the_bundled_model(tmp_path: Path) -> None:
+    with serve_app("--device", "cpu", "--dtype", "float32", log=tmp_path / "app.log") as url:
+        text = page_text(url)
+        # SD-Turbo comes with the tiny decoder on a CPU: that is what the offline cache lacked first.
+        assert "Could not load `stabilityai/sd-turbo`: Cannot load 'madebyollin/taesd'" in text
+        assert "Model **tiny-shapes** on **cpu**" in text and "Running the bundled tiny model" in text
+
+
+def test_a_missing_lora_folder_is_one_line(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, str(APP), "--lora-dir", str(tmp_path / "nowhere")], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"app.py: error: --lora-dir {tmp_path / 'nowhere'}: there is no such folder" in result.stderr

@@ -225,7 +225,7 @@ class ModelPicker:
 
         def refresh() -> dict[Component, Any]:
             if self._served_title() == built:  # the page as built shows this model
-                return {}
+                return {component: gr.skip() for component in [self.dropdown, self.header, *outputs]}
             return {self.dropdown: self._served_title(), self.header: self.header_text(self.served),
                     **page(self.served.pipe)}
 

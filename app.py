@@ -25,7 +25,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import gradio as gr
-import torch
 
 from stable_diffusion.devices import default_dtype, parse_device, parse_dtype
 from stable_diffusion.hub import DEFAULT_TINY_VAE, ModelLoadError

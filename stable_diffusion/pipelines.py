@@ -220,7 +220,8 @@ class StableDiffusion:
 
     def __post_init__(self) -> None:
         self._loras = LoraStack(text_encoder=self.text_encoder, unet=self.unet)
-        if sum(p.numel() for p in self.vae.parameters()) >= CHEAP_DECODE_PARAMETERS:
+        # A model loaded on the meta device (checked, without weights) has nothing to fit.
+        if self.device.type != "meta" and sum(p.numel() for p in self.vae.parameters()) >= CHEAP_DECODE_PARAMETERS:
             self._latent_rgb = LatentRGB.fit(
                 self._decode_unscaled,
                 latent_channels=self.vae.config.latent_channels,

@@ -73,11 +73,16 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve_app(*args: str, log: Path) -> Iterator[str]:
-    """Run ``python app.py ARGS`` on a free 127.0.0.1 port; yield its URL once it answers."""
+def serve_app(*args: str, log: Path, threads: int | None = 1) -> Iterator[str]:
+    """Run ``python app.py ARGS`` on a free 127.0.0.1 port; yield its URL once it answers.
+
+    ``threads``: torch's CPU threads in the app (one: the same sums as a test's own single-threaded
+    pipeline; None: torch's default, all the cores).
+    """
     port = free_port()
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
-           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    if threads is not None:
+        env |= {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     env.pop("SD_MODEL", None)
     with open(log, "w") as log_file:
         process = subprocess.Popen(
@@ -414,9 +419,11 @@ def test_non_finite_numbers_over_raw_http(app_url: str) -> None:
         with urllib.request.urlopen(f"{app_url}gradio_api/call/text_to_image/{event_id}", timeout=60) as response:
             return response.read().decode()
 
-    assert "Steps must be a number from 1 to 100, got nan" in call('"a red circle", "", "euler", NaN, 7.5, 64, 64, 1, 1')
+    # Raw HTTP gives every argument, the decoder last.
+    assert "Steps must be a number from 1 to 100, got nan" in call(
+        '"a red circle", "", "euler", NaN, 7.5, 64, 64, 1, 1, "full"')
     assert "Guidance scale (CFG) must be a number from 0 to 20, got inf" in call(
-        '"a red circle", "", "euler", 3, Infinity, 64, 64, 1, 1')
+        '"a red circle", "", "euler", 3, Infinity, 64, 64, 1, 1, "full"')
 
 
 def test_every_setting_with_a_natural_default_has_one_in_the_api(client: Client) -> None:
@@ -425,7 +432,7 @@ def test_every_setting_with_a_natural_default_has_one_in_the_api(client: Client)
                 for name, endpoint in api["named_endpoints"].items()}
     assert required == {"/text_to_image": [], "/image_to_image": ["image"], "/schedule_plot": [],
                         "/noise_pixels": [], "/noise_latents": [], "/png_info": ["image"],
-                        "/parse_parameters": ["text"], "/inpaint": ["editor"]}
+                        "/parse_parameters": ["text"], "/inpaint": ["editor"], "/load_model": []}
     gallery, _preview, parameters = client.predict("a red circle", api_name="/text_to_image")
     assert gallery_images(gallery)[0].size == (64, 64)
     assert "Steps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7.5" in parameters
@@ -484,7 +491,10 @@ def test_unusable_device_is_one_line_not_a_traceback(device: str, message: str) 
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("app.py: error:")]
     assert len(errors) == 1 and message.lower() in errors[0].lower()
-    assert len(result.stderr.strip().splitlines()) <= 3, result.stderr  # the usage line(s) and the error
+    # The usage (its first line and indented continuations), then the error: nothing else.
+    *usage, error = result.stderr.strip().splitlines()
+    assert usage[0].startswith("usage: ") and all(line.startswith(" ") for line in usage[1:]), result.stderr
+    assert error == errors[0]
 
 
 def test_send_to_text_to_image_keeps_values_the_page_can_take() -> None:

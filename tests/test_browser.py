@@ -11,12 +11,21 @@ unless ``REQUIRE_BROWSER=1`` (CI), where it fails.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
+from conftest import HUB_LAYOUTS
 from PIL import Image
+from safetensors.torch import save_file
 from test_app import REPO, WEB_UI_EXAMPLE, make_tiny_model, serve_app
+
+from stable_diffusion.taesd import TAESDConfig, TinyAutoencoder
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -26,6 +35,19 @@ CHROMIUM_ARGS = [
 SCREENSHOTS = REPO / "examples" / "screenshots"
 BUNDLED_MODEL = REPO / "models" / "tiny-shapes"
 TIMEOUT_MS = 90_000
+
+
+@contextlib.contextmanager
+def _opened(playwright, url: str) -> Iterator:
+    """A 1400 px wide page of headless Chromium at ``url``."""
+    browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+    try:
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(url)
+        yield page
+    finally:
+        browser.close()
 
 
 def _browser_or_skip():
@@ -52,47 +74,39 @@ def test_page_generates_and_screenshots_every_tab(tmp_path: Path) -> None:
     model = BUNDLED_MODEL if BUNDLED_MODEL.is_dir() else make_tiny_model(tmp_path / "tiny-random")
     shots = {}
     with serve_app("--model", str(model), "--device", "cpu", "--dtype", "float32", log=tmp_path / "app.log") as url, \
-            sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
-            page.set_default_timeout(TIMEOUT_MS)
-            page.goto(url)
+            sync_playwright() as playwright, _opened(playwright, url) as page:
+        page.locator("#t2i-prompt textarea").fill("a red circle on a blue background")
+        _set_slider(page, "#t2i-steps", 8)
+        page.locator("#t2i-generate").click()
+        page.locator("#t2i-gallery img").first.wait_for(state="visible")
+        _wait_for_textarea_containing(page, "Seed:")  # the parameters of the finished image
+        _check_controls_layout(page, "t2i")
+        _check_numbers_shown_whole(page)
+        for elem_id in ("t2i-gallery", "t2i-preview"):
+            _check_label_clear_of_content(page, elem_id)
+        shots["text-to-image"] = _screenshot(page, tmp_path)
 
-            page.locator("#t2i-prompt textarea").fill("a red circle on a blue background")
-            _set_slider(page, "#t2i-steps", 8)
-            page.locator("#t2i-generate").click()
-            page.locator("#t2i-gallery img").first.wait_for(state="visible")
-            _wait_for_textarea_containing(page, "Seed:")  # the parameters of the finished image
-            _check_controls_layout(page, "t2i")
-            _check_numbers_shown_whole(page)
-            for elem_id in ("t2i-gallery", "t2i-preview"):
-                _check_label_clear_of_content(page, elem_id)
-            shots["text-to-image"] = _screenshot(page, tmp_path)
+        page.get_by_role("tab", name="Image to image").click()
+        page.locator("#i2i-prompt textarea").wait_for(state="visible")
+        page.get_by_text("a purple square on a yellow background").first.click()  # an example: image + prompt
+        page.locator("#i2i-input img").first.wait_for(state="visible")
+        _set_slider(page, "#i2i-steps", 8)
+        page.locator("#i2i-generate").click()
+        page.locator("#i2i-gallery img").first.wait_for(state="visible")
+        _check_controls_layout(page, "i2i")
+        shots["image-to-image"] = _screenshot(page, tmp_path)
 
-            page.get_by_role("tab", name="Image to image").click()
-            page.locator("#i2i-prompt textarea").wait_for(state="visible")
-            page.get_by_text("a purple square on a yellow background").first.click()  # an example: image + prompt
-            page.locator("#i2i-input img").first.wait_for(state="visible")
-            _set_slider(page, "#i2i-steps", 8)
-            page.locator("#i2i-generate").click()
-            page.locator("#i2i-gallery img").first.wait_for(state="visible")
-            _check_controls_layout(page, "i2i")
-            shots["image-to-image"] = _screenshot(page, tmp_path)
+        page.get_by_role("tab", name="Noise schedule").click()
+        page.locator("#noise-plot img").first.wait_for(state="visible")
+        page.locator("#noise-run").click()
+        page.locator("#noise-pixels img").first.wait_for(state="visible")
+        page.locator("#noise-latents img").first.wait_for(state="visible")
+        for elem_id in ("noise-plot", "noise-pixels", "noise-latents"):
+            _check_label_clear_of_content(page, elem_id)
+        _check_numbers_shown_whole(page)  # "Training steps T": 1000
+        shots["noise-schedule"] = _screenshot(page, tmp_path)
 
-            page.get_by_role("tab", name="Noise schedule").click()
-            page.locator("#noise-plot img").first.wait_for(state="visible")
-            page.locator("#noise-run").click()
-            page.locator("#noise-pixels img").first.wait_for(state="visible")
-            page.locator("#noise-latents img").first.wait_for(state="visible")
-            for elem_id in ("noise-plot", "noise-pixels", "noise-latents"):
-                _check_label_clear_of_content(page, elem_id)
-            _check_numbers_shown_whole(page)  # "Training steps T": 1000
-            shots["noise-schedule"] = _screenshot(page, tmp_path)
-
-            shots["png-info"] = _png_info_sends_to_text_to_image(page, tmp_path)
-        finally:
-            browser.close()
+        shots["png-info"] = _png_info_sends_to_text_to_image(page, tmp_path)
 
     for name, path in shots.items():
         assert path.stat().st_size > 10_000, f"{name}: suspiciously small screenshot"
@@ -103,6 +117,71 @@ def test_page_generates_and_screenshots_every_tab(tmp_path: Path) -> None:
             with Image.open(path) as shot:
                 shot.convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT).save(
                     SCREENSHOTS / path.name, optimize=True)
+
+
+@pytest.mark.browser
+def test_model_picker_and_lora_list(tmp_path: Path) -> None:
+    """Insert a LoRA tag from the list, refresh the list, load a few-step model: the page takes its defaults."""
+    sync_playwright = _browser_or_skip()
+    model = make_tiny_model(tmp_path / "tiny-random")
+    turbo = make_tiny_model(tmp_path / "tiny-turbo")
+    shutil.copyfile(HUB_LAYOUTS / "sd-turbo" / "scheduler" / "scheduler_config.json",
+                    turbo / "scheduler" / "scheduler_config.json")
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    save_file({"lora_unet_x.alpha": torch.tensor(1.0)}, loras / "tiny-style.safetensors")  # the list reads names
+    with serve_app("--model", str(model), "--device", "cpu", "--dtype", "float32", "--lora-dir", str(loras),
+                   "--tiny-vae", str(_tiny_taesd(tmp_path / "taesd")), log=tmp_path / "app.log") as url, \
+            sync_playwright() as playwright, _opened(playwright, url) as page:
+        page.locator("#header").get_by_text("tiny-random").wait_for(state="visible")
+        _check_no_error_shown(page)  # the page's refresh on opening leaves it as it is
+        assert page.locator("#t2i-lora input").input_value() == "tiny-style"
+        page.locator("#t2i-prompt textarea").fill("a red circle")
+        page.locator("#t2i-lora-insert").click()
+        _wait_for_textarea_containing(page, "a red circle <lora:tiny-style:0.8>")
+        save_file({"lora_unet_x.alpha": torch.tensor(1.0)}, loras / "another-style.safetensors")
+        page.locator("#t2i-lora-refresh").click()
+        page.wait_for_function("() => document.querySelector('#t2i-lora input').value === 'another-style'")
+        assert page.locator("#t2i-decoder input").input_value() == "Full VAE"  # a 20-step model
+        _check_controls_layout(page, "t2i", extra=("lora", "decoder"))
+
+        picker = page.locator("#model-picker input")
+        picker.fill(str(turbo))
+        picker.press("Enter")
+        page.locator("#model-load").click()
+        page.locator("#header").get_by_text("tiny-turbo").wait_for(state="visible")
+        _wait_for_few_step_defaults(page)
+        page.locator("#t2i-prompt textarea").fill("a red circle")  # without the tag of a LoRA that is no LoRA
+        page.locator("#t2i-generate").click()
+        _wait_for_textarea_containing(page, "Model: tiny-turbo")
+
+        page.reload()  # a page opened after the switch shows the model served, not the one at start
+        page.locator("#header").get_by_text("tiny-turbo").wait_for(state="visible")
+        _wait_for_few_step_defaults(page)
+        assert page.locator("#model-picker input").input_value() == "tiny-turbo"
+        _check_no_error_shown(page)
+
+
+def _tiny_taesd(folder: Path) -> Path:
+    """A tiny random TAESD in diffusers' AutoencoderTiny layout."""
+    folder.mkdir()
+    config = TAESDConfig.tiny()
+    save_file(TinyAutoencoder(config).state_dict(), folder / "diffusion_pytorch_model.safetensors")
+    (folder / "config.json").write_text(json.dumps(config.to_hub_config()))
+    return folder
+
+
+def _check_no_error_shown(page) -> None:
+    """No "Error" badge on any component (Gradio shows one where an event failed), after the events settle."""
+    page.wait_for_timeout(1500)
+    assert page.get_by_text("Error", exact=True).count() == 0
+
+
+def _wait_for_few_step_defaults(page) -> None:
+    page.wait_for_function("() => document.querySelector('#t2i-steps input[type=number]').value === '1'")
+    values = {name: page.locator(f"#t2i-{name} input").first.input_value()
+              for name in ("sampler", "guidance-scale", "decoder")}
+    assert values == {"sampler": "Euler a", "guidance-scale": "0", "decoder": "Tiny (TAESD)"}
 
 
 def _png_info_sends_to_text_to_image(page, folder: Path) -> Path:
@@ -133,10 +212,11 @@ def _png_info_sends_to_text_to_image(page, folder: Path) -> Path:
     return shot
 
 
-def _check_controls_layout(page, prefix: str) -> None:
-    """Each setting's label on one line; the sampler's name whole, clear of the dropdown's arrow."""
+def _check_controls_layout(page, prefix: str, extra: tuple[str, ...] = ()) -> None:
+    """Each setting's label on one line (``extra``: settings shown only with some models or flags); the
+    sampler's name whole, clear of the dropdown's arrow."""
     for name in ("prompt", "negative-prompt", "sampler", "steps", "guidance-scale", "num-images", "width", "height",
-                 "seed"):
+                 "seed", *extra):
         lines = page.evaluate(
             """id => { const range = document.createRange();
                        range.selectNodeContents(document.querySelector(`#${id} [data-testid=block-info]`));

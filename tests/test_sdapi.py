@@ -36,6 +36,7 @@ from webui.sdapi_translate import sampler_key
 
 TINY_SHAPES = REPO / "models" / "tiny-shapes"
 CIRCLE = "a red circle on a blue background"
+PICKER_MODELS = ["stable-diffusion-v1-5/stable-diffusion-v1-5", "stabilityai/sd-turbo", "SimianLuo/LCM_Dreamshaper_v7"]
 # Quick settings for the tiny model on two shared CPU cores.
 QUICK = dict(sampler_name="Euler", steps=4, cfg_scale=4.0, width=32, height=32)
 
@@ -240,7 +241,8 @@ def test_png_info_reads_the_parameters_back(api: webuiapi.WebUIApi) -> None:
 
 # ------------------------------------------------------------------------------------ the rest
 def test_models_samplers_and_options(api: webuiapi.WebUIApi) -> None:
-    assert [model["title"] for model in api.get_sd_models()] == ["tiny-shapes"]
+    # The served model, then the app's model picker's (tests/test_picker.py checks they are the same).
+    assert [model["title"] for model in api.get_sd_models()] == ["tiny-shapes", *PICKER_MODELS]
     assert api.get_options()["sd_model_checkpoint"] == "tiny-shapes"
     samplers = {sampler["name"]: sampler for sampler in api.get_samplers()}
     assert {"Euler a", "Euler", "DPM++ 2M", "DDIM", "DDPM", "LCM"} <= set(samplers)
@@ -410,7 +412,7 @@ def test_logins_guard_the_api(guarded_url: str) -> None:
 
 def test_options_switch_the_model_and_keep_it_on_failure(guarded_url: str) -> None:
     api = webuiapi.WebUIApi(baseurl=f"{guarded_url}sdapi/v1", username="alice", password="api-secret")
-    assert [model["title"] for model in api.get_sd_models()] == ["tiny-random", "tiny-shapes"]
+    assert [model["title"] for model in api.get_sd_models()] == ["tiny-random", *PICKER_MODELS, "tiny-shapes"]
     assert api.txt2img(prompt=CIRCLE, seed=1, steps=2, width=0, height=0).image.size == (64, 64)  # its native size
     try:
         assert api.set_options({"sd_model_checkpoint": "tiny-shapes"}) is None

@@ -21,17 +21,18 @@ import torch
 from PIL import Image
 
 from stable_diffusion.images import grid, save_png
-from stable_diffusion.pipelines import Generation, GenerationCancelled
+from stable_diffusion.pipelines import Generation, GenerationCancelled, StableDiffusion
 from stable_diffusion.request import GenerationRequest
 from stable_diffusion.samplers import SAMPLERS
 
 from .errors import RequestError, user_error
 from .inputs import CheckedDropdown, CheckedImage, CheckedNumber, CheckedSlider
+from .models import lora_names, recommended
 from .served import ServedModel, gpu
 
 __all__ = [
     "GENERATION_CONCURRENCY", "MAX_IMAGES", "MAX_STEPS", "Controls", "generation_tab", "result_components",
-    "stream_generation",
+    "stream_generation", "with_lora_tag",
 ]
 
 logger = logging.getLogger(__name__)
@@ -45,48 +46,126 @@ MAX_IMAGES = 4
 GENERATION_CONCURRENCY = 1
 # Live previews of small models are tiny (32 px for the bundled one): shown at least this large.
 PREVIEW_SIDE = 256
+DECODER_CHOICES = [("Full VAE", "full"), ("Tiny (TAESD)", "tiny")]
+# The weight "Insert" writes into a LoRA tag: the web UIs' habit, a style that does not take over.
+LORA_WEIGHT = 0.8
 
 
 class Controls:
-    """The settings both generation tabs share, in the order their endpoints take them."""
+    """The settings both generation tabs share, in the order their endpoints take them.
+
+    Their defaults and bounds are those of the served model (``models.recommended``: few-step
+    models start at 1 step without guidance); ``updates`` gives the page another model's, and
+    after a switch the components' own bounds, which API calls are checked against, follow.
+    """
 
     def __init__(self, served: ServedModel, *, prefix: str, auto_size: bool, placeholder: str) -> None:
         pipe = served.pipe
-        native = pipe.native_size if pipe is not None else 512
-        max_pixels = pipe.max_pixels if pipe is not None else native * native
-        # Every width and height the sliders allow together fits the server's pixel budget.
-        largest = max(8, math.isqrt(max_pixels) // 8 * 8)
-        smallest = 0 if auto_size else min(64, native)
+        settings = recommended(pipe)
+        bounds = _bounds(pipe, auto_size=auto_size)
         size_info = "0 and 0: the input's shape at the native size" if auto_size else None
+        self.auto_size = auto_size
         self.prompt = gr.Textbox(value="", label="Prompt", lines=2, placeholder=placeholder, elem_id=f"{prefix}-prompt")
         self.negative_prompt = gr.Textbox(value="", label="Negative prompt", lines=1, elem_id=f"{prefix}-negative-prompt")
+        self._lora_list(served, prefix=prefix)
         # Two settings a row: at half the page's width each label fits on one line and the
         # dropdown shows the longest sampler name whole.
         with gr.Row():
             self.sampler = CheckedDropdown([(spec.label, name) for name, spec in SAMPLERS.items()],
-                                           value="dpmpp_2m_karras", label="Sampler", elem_id=f"{prefix}-sampler")
-            self.steps = CheckedSlider(1, MAX_STEPS, value=20, step=1, precision=0, label="Steps", elem_id=f"{prefix}-steps")
+                                           value=settings.sampler, label="Sampler", elem_id=f"{prefix}-sampler")
+            self.steps = CheckedSlider(1, MAX_STEPS, value=settings.steps, step=1, precision=0, label="Steps",
+                                       elem_id=f"{prefix}-steps")
         with gr.Row():
-            self.guidance_scale = CheckedSlider(0, 20, value=7.5, step=0.5, label="Guidance scale (CFG)",
-                                                elem_id=f"{prefix}-guidance-scale")
-            max_images = min(MAX_IMAGES, pipe.max_images) if pipe is not None else MAX_IMAGES
-            self.num_images = CheckedSlider(1, max_images, value=1, step=1, precision=0, label="Number of images",
-                                            elem_id=f"{prefix}-num-images")
+            self.guidance_scale = CheckedSlider(0, 20, value=settings.guidance_scale, step=0.5,
+                                                label="Guidance scale (CFG)", elem_id=f"{prefix}-guidance-scale")
+            self.num_images = CheckedSlider(1, bounds["max_images"], value=1, step=1, precision=0,
+                                            label="Number of images", elem_id=f"{prefix}-num-images")
         with gr.Row():
-            default_size = 0 if auto_size else min(native, largest)
-            self.width = CheckedSlider(smallest, largest, value=default_size, step=8, precision=0, label="Width",
-                                       info=size_info, elem_id=f"{prefix}-width")
-            self.height = CheckedSlider(smallest, largest, value=default_size, step=8, precision=0, label="Height",
-                                        info=size_info, elem_id=f"{prefix}-height")
+            self.width = CheckedSlider(bounds["smallest"], bounds["largest"], value=bounds["size"], step=8, precision=0,
+                                       label="Width", info=size_info, elem_id=f"{prefix}-width")
+            self.height = CheckedSlider(bounds["smallest"], bounds["largest"], value=bounds["size"], step=8,
+                                        precision=0, label="Height", info=size_info, elem_id=f"{prefix}-height")
         with gr.Row(elem_classes=["bottom-aligned"]):
             self.seed = CheckedNumber(value=-1, precision=0, minimum=-1, label="Seed (-1: random)",
                                       info="image i of a request uses seed + i", elem_id=f"{prefix}-seed", scale=3)
             self.random_seed = gr.Button("Random seed", scale=1)
+        self.decoder = CheckedDropdown(DECODER_CHOICES, value=settings.decoder, label="Decoder",
+                                       visible=pipe is not None and pipe.tiny_vae is not None,
+                                       info="the tiny one is about 18x cheaper, a little less sharp",
+                                       elem_id=f"{prefix}-decoder")
         self.random_seed.click(lambda: -1, outputs=self.seed, api_visibility="private", queue=False)
+        served.switched.append(self.follow)
 
     def inputs(self) -> list[gr.components.Component]:
         return [self.prompt, self.negative_prompt, self.sampler, self.steps, self.guidance_scale,
                 self.width, self.height, self.seed, self.num_images]
+
+    def updates(self, pipe: StableDiffusion | None, *, placeholder: str) -> dict[gr.components.Component, Any]:
+        """What the page shows for ``pipe``: its recommended settings, size bounds and decoders."""
+        settings = recommended(pipe)
+        bounds = _bounds(pipe, auto_size=self.auto_size)
+        size = {} if self.auto_size else {"value": bounds["size"]}
+        return {
+            self.prompt: gr.update(placeholder=placeholder),
+            self.sampler: settings.sampler,
+            self.steps: settings.steps,
+            self.guidance_scale: settings.guidance_scale,
+            self.num_images: gr.update(maximum=bounds["max_images"]),
+            self.width: gr.update(minimum=bounds["smallest"], maximum=bounds["largest"], **size),
+            self.height: gr.update(minimum=bounds["smallest"], maximum=bounds["largest"], **size),
+            self.decoder: gr.update(value=settings.decoder, visible=pipe is not None and pipe.tiny_vae is not None),
+        }
+
+    def updated(self) -> list[gr.components.Component]:
+        """The components ``updates`` changes (an event's outputs)."""
+        return list(self.updates(None, placeholder=""))
+
+    def follow(self, pipe: StableDiffusion) -> None:
+        """Give the components the bounds of ``pipe``, the model just switched to.
+
+        Gradio checks a request against the components of its session: those the page has
+        updated, or else these, which every API client's session shares.
+        """
+        bounds = _bounds(pipe, auto_size=self.auto_size)
+        self.num_images.maximum = bounds["max_images"]
+        for side in (self.width, self.height):
+            side.minimum, side.maximum = bounds["smallest"], bounds["largest"]
+
+    def _lora_list(self, served: ServedModel, *, prefix: str) -> None:
+        """The LoRAs of the server's LoRA folders; "Insert" adds ``<lora:NAME:0.8>`` to the prompt."""
+        dirs = () if served.pipe is None else tuple(served.pipe.lora_dirs)
+        names = lora_names(dirs)
+        folders = ", ".join(f"{Path(folder).name}/" for folder in dirs)
+        with gr.Row(visible=bool(dirs), elem_classes=["bottom-aligned"]):
+            self.lora = CheckedDropdown(names, value=names[0] if names else None, label="LoRA",
+                                        info=f"the files in {folders}", scale=3, elem_id=f"{prefix}-lora")
+            insert = gr.Button("Insert", scale=1, interactive=bool(names), elem_id=f"{prefix}-lora-insert")
+            refresh = gr.Button("Refresh list", scale=1, elem_id=f"{prefix}-lora-refresh")
+
+        def refreshed() -> tuple[Any, Any]:
+            found = lora_names(dirs)
+            return gr.update(choices=found, value=found[0] if found else None), gr.update(interactive=bool(found))
+
+        insert.click(with_lora_tag, inputs=[self.prompt, self.lora], outputs=self.prompt, api_visibility="private",
+                     queue=False)
+        refresh.click(refreshed, outputs=[self.lora, insert], api_visibility="private", queue=False)
+
+
+def with_lora_tag(prompt: str, name: str) -> str:
+    """``prompt`` with the tag that applies the LoRA ``name`` at the usual weight appended."""
+    tag = f"<lora:{name}:{LORA_WEIGHT:g}>"
+    return f"{prompt.rstrip()} {tag}" if prompt.strip() else tag
+
+
+def _bounds(pipe: StableDiffusion | None, *, auto_size: bool) -> dict[str, int]:
+    """The sliders' limits for ``pipe``: the size range (the native size by default) and images per request."""
+    native = pipe.native_size if pipe is not None else 512
+    max_pixels = pipe.max_pixels if pipe is not None else native * native
+    # Every width and height the sliders allow together fits the server's pixel budget.
+    largest = max(8, math.isqrt(max_pixels) // 8 * 8)
+    return {"smallest": 0 if auto_size else min(64, native), "largest": largest,
+            "size": 0 if auto_size else min(native, largest),
+            "max_images": min(MAX_IMAGES, pipe.max_images) if pipe is not None else MAX_IMAGES}
 
 
 def generation_tab(served: ServedModel, *, prefix: str, takes_image: bool, examples: list[list[Any]],
@@ -114,7 +193,8 @@ def generation_tab(served: ServedModel, *, prefix: str, takes_image: bool, examp
         example_inputs = [controls.prompt, controls.negative_prompt]
     gr.Examples(examples, inputs=example_inputs, cache_examples=False)
     handler = _image_to_image(served) if takes_image else _text_to_image(served)
-    event = gr.on([generate.click, controls.prompt.submit], handler, inputs=[*extra_inputs, *controls.inputs()],
+    event = gr.on([generate.click, controls.prompt.submit], handler,
+                  inputs=[*extra_inputs, *controls.inputs(), controls.decoder],
                   outputs=outputs, api_name=handler.__name__, concurrency_limit=GENERATION_CONCURRENCY,
                   concurrency_id="model", show_progress_on=[outputs[0]])
     stop.click(None, cancels=[event], api_visibility="private", queue=False)
@@ -145,10 +225,10 @@ def result_components(prefix: str) -> list[gr.components.Component]:
 def _text_to_image(served: ServedModel) -> Callable[..., Iterator[tuple[Any, Any, str]]]:
     @gpu
     def text_to_image(prompt: str, negative_prompt: str, sampler: str, steps: int, guidance_scale: float,
-                      width: int, height: int, seed: int, num_images: int,
+                      width: int, height: int, seed: int, num_images: int, decoder: str = "full",
                       progress: gr.Progress = gr.Progress()) -> Iterator[tuple[Any, Any, str]]:
         settings = dict(negative_prompt=negative_prompt, sampler=sampler, steps=steps, guidance_scale=guidance_scale,
-                        width=width, height=height, seed=seed, num_images=num_images)
+                        width=width, height=height, seed=seed, num_images=num_images, decoder=decoder)
         yield from stream_generation(served, prompt, settings, None, progress)
 
     return text_to_image
@@ -158,12 +238,12 @@ def _image_to_image(served: ServedModel) -> Callable[..., Iterator[tuple[Any, An
     @gpu
     def image_to_image(image: Image.Image | None, strength: float, prompt: str, negative_prompt: str, sampler: str,
                        steps: int, guidance_scale: float, width: int, height: int, seed: int, num_images: int,
-                       progress: gr.Progress = gr.Progress()) -> Iterator[tuple[Any, Any, str]]:
+                       decoder: str = "full", progress: gr.Progress = gr.Progress()) -> Iterator[tuple[Any, Any, str]]:
         if image is None:  # the pipeline would draw from text alone
             raise RequestError("No input image: upload or paste an image to start from.")
         settings = dict(negative_prompt=negative_prompt, sampler=sampler, steps=steps, guidance_scale=guidance_scale,
                         width=width or None, height=height or None, seed=seed, num_images=num_images,
-                        strength=strength)
+                        strength=strength, decoder=decoder)
         yield from stream_generation(served, prompt, settings, image, progress)
 
     return image_to_image

@@ -22,6 +22,7 @@ from stable_diffusion.request import MAX_MASK_BLUR
 
 from .errors import user_error
 from .generation import GENERATION_CONCURRENCY, Controls, result_components, stream_generation
+from .inputs import CheckedSlider
 from .served import ServedModel, gpu
 
 __all__ = ["MAX_OUTPAINT", "inpaint_tab"]
@@ -34,8 +35,10 @@ BRUSH = gr.Brush(colors=[("#ffffff", 0.7)], color_mode="fixed")
 CANVAS = (512, 512)
 
 
-def inpaint_tab(served: ServedModel, *, examples: list[dict[str, Any]], examples_dir: Path, placeholder: str) -> None:
+def inpaint_tab(served: ServedModel, *, examples: list[dict[str, Any]], examples_dir: Path,
+                placeholder: str) -> Controls:
     """The tab: the editor, inpainting's settings, the shared ones, the results and the ``inpaint`` endpoint.
+    Returns the shared settings' controls (the model picker updates them).
 
     ``examples``: dicts with ``image`` and optionally ``mask`` (paths under ``examples_dir``),
     ``prompt``, ``strength`` and optionally ``outpaint_right`` (pixels).
@@ -48,13 +51,13 @@ def inpaint_tab(served: ServedModel, *, examples: list[dict[str, Any]], examples
                                     sources=["upload", "clipboard"], brush=BRUSH, transforms=(), height=448,
                                     canvas_size=CANVAS, elem_id="inp-editor")
             with gr.Row():
-                strength = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Strength",
+                strength = CheckedSlider(0.05, 1.0, value=1.0, step=0.05, label="Strength",
                                      info="1: repaint the masked area from pure noise")
-                mask_blur = gr.Slider(0, MAX_MASK_BLUR, value=4, step=1, precision=0, label="Mask blur",
+                mask_blur = CheckedSlider(0, MAX_MASK_BLUR, value=4, step=1, precision=0, label="Mask blur",
                                       info="pixels: fades the repainted area into the picture")
             with gr.Accordion("Outpaint: extend the canvas", open=False):
                 with gr.Row():
-                    outpaint = [gr.Slider(0, MAX_OUTPAINT, value=0, step=8, precision=0, label=f"{side.title()} (px)",
+                    outpaint = [CheckedSlider(0, MAX_OUTPAINT, value=0, step=8, precision=0, label=f"{side.title()} (px)",
                                           elem_id=f"inp-outpaint-{side}") for side in SIDES]
             controls = Controls(served, prefix="inp", auto_size=True, placeholder=placeholder)
             with gr.Row():
@@ -67,10 +70,11 @@ def inpaint_tab(served: ServedModel, *, examples: list[dict[str, Any]], examples
              example.get("outpaint_right", 0)] for example in examples]
     gr.Examples(rows, inputs=[editor, controls.prompt, strength, outpaint[1]], cache_examples=False)
     event = gr.on([generate.click, controls.prompt.submit], _inpaint(served),
-                  inputs=[editor, strength, mask_blur, *outpaint, *controls.inputs()], outputs=outputs,
+                  inputs=[editor, strength, mask_blur, *outpaint, *controls.inputs(), controls.decoder], outputs=outputs,
                   api_name="inpaint", concurrency_limit=GENERATION_CONCURRENCY, concurrency_id="model",
                   show_progress_on=[outputs[0]])
     stop.click(None, cancels=[event], api_visibility="private", queue=False)
+    return controls
 
 
 def _editor_value(example: dict[str, Any], examples_dir: Path) -> dict[str, Any]:
@@ -82,7 +86,7 @@ def _inpaint(served: ServedModel) -> Callable[..., Iterator[tuple[Any, Any, str]
     @gpu
     def inpaint(editor: dict[str, Any] | None, strength: float, mask_blur: float, left: float, right: float,
                 top: float, bottom: float, prompt: str, negative_prompt: str, sampler: str, steps: int,
-                guidance_scale: float, width: int, height: int, seed: int, num_images: int,
+                guidance_scale: float, width: int, height: int, seed: int, num_images: int, decoder: str = "full",
                 progress: gr.Progress = gr.Progress()) -> Iterator[tuple[Any, Any, str]]:
         try:
             image, mask = _picture_and_mask(editor, left=int(left), right=int(right), top=int(top), bottom=int(bottom))
@@ -90,7 +94,7 @@ def _inpaint(served: ServedModel) -> Callable[..., Iterator[tuple[Any, Any, str]
             raise user_error(error) from None
         settings = dict(negative_prompt=negative_prompt, sampler=sampler, steps=steps, guidance_scale=guidance_scale,
                         width=width or None, height=height or None, seed=seed, num_images=num_images,
-                        strength=strength, mask_blur=int(mask_blur), paste_back=True)
+                        strength=strength, mask_blur=int(mask_blur), paste_back=True, decoder=decoder)
         yield from stream_generation(served, prompt, settings, image, progress, mask=mask)
 
     return inpaint

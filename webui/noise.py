@@ -80,13 +80,16 @@ def noise_tab(served: ServedModel, examples: list[str], examples_dir: Path) -> N
                       timesteps: str, seed: int) -> list[tuple[Image.Image, str]]:
         if served.pipe is None:
             raise RequestError("The latent-space strip needs a model, and none is loaded.")
-        pipe = served.pipe
         x0 = _image_tensor(image)
         ts, alphas_bar = _checked_timesteps(timesteps, schedule, zero_snr, int(num_train_timesteps))
-        z0 = pipe.encode(x0, sample=False).cpu()  # the posterior mean, in the UNet's latent scale
-        noise = _noise_like(z0, seed)
-        noised = torch.cat([schedules.q_sample(z0, t, noise, alphas_bar) for t in ts])
-        decoded = pipe.decode(noised.to(pipe.device))
+        # In a turn of the model's queue, like every use of the model: never beside a generation
+        # from the REST API, nor during a switch of models.
+        with served.queue.turn("noise latents", door="page"):
+            pipe = served.require()
+            z0 = pipe.encode(x0, sample=False).cpu()  # the posterior mean, in the UNet's latent scale
+            noise = _noise_like(z0, seed)
+            noised = torch.cat([schedules.q_sample(z0, t, noise, alphas_bar) for t in ts])
+            decoded = pipe.decode(noised.to(pipe.device))
         return [(picture, _caption(t, alphas_bar)) for picture, t in zip(decoded, ts, strict=True)]
 
     gr.on([names.change, zero_snr.change, num_train_timesteps.release], schedule_plot,

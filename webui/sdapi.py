@@ -19,7 +19,6 @@ import secrets
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
@@ -37,6 +36,7 @@ from stable_diffusion.pipelines import Generation, GenerationCancelled
 from stable_diffusion.request import GenerationRequest, InvalidSetting
 
 from .generation import MAX_IMAGES, MAX_STEPS
+from .models import model_title
 from .sdapi_translate import (SCHEDULERS, ImageToImagePayload, PngInfoPayload, TextToImagePayload, api_error,
                               decode_image, encode_png, generation_info, generation_requests, png_info, sampler_list)
 from .served import ServedModel, gpu, switch_model
@@ -242,9 +242,7 @@ class _WebUIApi:
         if self.served.pipe is not None:
             found[self.served.pipe.name] = self.served.source
         for source in self.sources:
-            path = Path(source).expanduser()
-            title = path.stem if path.is_file() else path.resolve().name if path.is_dir() else source
-            found.setdefault(title, source)
+            found.setdefault(model_title(source), source)
         return found
 
     async def sd_models(self) -> list[dict[str, Any]]:

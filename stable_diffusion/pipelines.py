@@ -33,7 +33,7 @@ from typing import Any, Protocol
 import torch
 from PIL import Image
 
-from . import denoisers, prompts, samplers, schedules
+from . import denoisers, inside, prompts, samplers, schedules
 from .clip import CLIPTextModel
 from .layers import guidance_scale_embedding
 from .images import checked_image, native_area_size, pil_to_tensor, tensor_to_pil
@@ -63,11 +63,19 @@ class GenerationCancelled(RuntimeError):
 
 @dataclass(frozen=True)
 class Generation:
-    """The result of one request: image ``i`` was made with ``seeds[i]`` and ``parameters[i]``."""
+    """The result of one request: image ``i`` was made with ``seeds[i]`` and ``parameters[i]``.
+
+    What a run was asked to record of its inside (``inside``), per image, empty when not asked:
+    ``trajectory[i]`` (x_t and x̂0 at the chosen steps), ``guidance_maps[i]`` (|ε̂_cond − ε̂_uncond|
+    at the chosen steps; none without guidance), ``attention_maps[i]`` (one word map per prompt token).
+    """
 
     images: list[Image.Image]
     seeds: list[int]
     parameters: list[str]
+    trajectory: list[list[inside.Snapshot]] = field(default_factory=list)
+    guidance_maps: list[list[inside.GuidanceMap]] = field(default_factory=list)
+    attention_maps: list[list[inside.WordMap]] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------------ modes
@@ -165,6 +173,9 @@ class StableDiffusion:
         *,
         callback: StepCallback | None = None,
         cancel: CancelToken | None = None,
+        trajectory: inside.StepChoice = 0,
+        guidance_maps: inside.StepChoice = 0,
+        attention_maps: bool = False,
         **options: Any,
     ) -> Generation:
         """Generate images for ``prompt`` (an empty prompt samples p(x) unconditionally).
@@ -172,10 +183,12 @@ class StableDiffusion:
         ``options`` are the fields of :class:`GenerationRequest` (width, height, steps,
         guidance_scale, sampler, seed, num_images, clip_skip, guidance_rescale, decoder).
         ``callback(step, total, x0_latents)`` runs after every step (see :meth:`preview`); a set
-        ``cancel`` token stops the run between steps.
+        ``cancel`` token stops the run between steps. ``trajectory``, ``guidance_maps`` and
+        ``attention_maps`` record the inside of the run (see :meth:`generate`).
         """
         request = GenerationRequest(prompt, negative_prompt, **options)
-        return self.generate(request, callback=callback, cancel=cancel)
+        return self.generate(request, callback=callback, cancel=cancel, trajectory=trajectory,
+                             guidance_maps=guidance_maps, attention_maps=attention_maps)
 
     def image_to_image(
         self,
@@ -185,6 +198,9 @@ class StableDiffusion:
         *,
         callback: StepCallback | None = None,
         cancel: CancelToken | None = None,
+        trajectory: inside.StepChoice = 0,
+        guidance_maps: inside.StepChoice = 0,
+        attention_maps: bool = False,
         **options: Any,
     ) -> Generation:
         """Redraw ``image`` following ``prompt`` (SDEdit, Meng et al. 2022).
@@ -196,7 +212,8 @@ class StableDiffusion:
         ratio at the model's native area.
         """
         request = GenerationRequest(prompt, negative_prompt, **{"strength": 0.75, **options})
-        return self.generate(request, image=checked_image(image), callback=callback, cancel=cancel)
+        return self.generate(request, image=checked_image(image), callback=callback, cancel=cancel,
+                             trajectory=trajectory, guidance_maps=guidance_maps, attention_maps=attention_maps)
 
     def generate(
         self,
@@ -205,24 +222,35 @@ class StableDiffusion:
         image: Image.Image | None = None,
         callback: StepCallback | None = None,
         cancel: CancelToken | None = None,
+        trajectory: inside.StepChoice = 0,
+        guidance_maps: inside.StepChoice = 0,
+        attention_maps: bool = False,
     ) -> Generation:
-        """The one generation path: text-to-image, or image-to-image when ``image`` is given."""
+        """The one generation path: text-to-image, or image-to-image when ``image`` is given.
+
+        Observers of the run (``inside``), off by default: ``trajectory`` and ``guidance_maps``
+        choose steps (``n``: n steps spread from the first to the last; or a list of step indices
+        of the run, from 0), ``attention_maps=True`` records a word map per prompt token. They only
+        look: the images are the same with them or without.
+        """
         image = None if image is None else checked_image(image)
         width, height = self._size(request, image)
         plan = self._check(request, width, height)
+        observer = _observer(self, plan, request.prompt, trajectory, guidance_maps, attention_maps)
         mode = _TextToImage(width, height) if image is None else _ImageToImage(_pixels(image, width, height))
         if request.seed is None:
             request = dataclasses.replace(request, seed=secrets.randbelow(2**32))
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in request.seeds]
         x = mode.initial_latents(self, plan, generators)
-        latents = self._denoise(plan, x, request, generators, _step_hook(callback, cancel))
+        latents = self._denoise(plan, x, request, generators, _step_hook(callback, cancel), observer)
         images = self.decode(latents, decoder=request.decoder)
         label = samplers.SAMPLERS[request.sampler].label
         parameters = [
             request.parameters_text(seed, width, height, sampler_label=label, model=self.name)
             for seed in request.seeds
         ]
-        return Generation(images, request.seeds, parameters)
+        views = {} if observer is None else observer.views(self.preview, (width, height))
+        return Generation(images, request.seeds, parameters, **views)
 
     # ---------------------------------------------------------------- the networks
     def encode_prompt(self, prompt: str, *, clip_skip: int = 1, num_windows: int | None = None) -> torch.Tensor:
@@ -328,6 +356,7 @@ class StableDiffusion:
         request: GenerationRequest,
         generators: list[torch.Generator],
         on_step: StepCallback,
+        observer: inside.Observer | None = None,
     ) -> torch.Tensor:
         num_windows = max(len(self._windows(text)) for text in (request.prompt, request.negative_prompt))
         cond, uncond = (
@@ -347,6 +376,8 @@ class StableDiffusion:
         denoiser = denoisers.Denoiser(model, alphas_cumprod, self.scheduler.prediction_type)
         guided = denoisers.guided(denoiser, cond=cond, uncond=uncond, scale=scale, rescale=request.guidance_rescale)
         with torch.inference_mode():
+            if observer is not None:
+                return observer.run(guided, x, generator=generators, callback=on_step)
             return samplers.run(plan, guided, x, generator=generators, callback=on_step)
 
     def _model_fn(self, *, timestep_cond: torch.Tensor | None = None) -> Callable[..., torch.Tensor]:
@@ -389,6 +420,21 @@ def _pixels(image: Image.Image, width: int, height: int) -> torch.Tensor:
     if image.size != (width, height):
         image = image.resize((width, height), Image.LANCZOS)
     return pil_to_tensor(image)[None]
+
+
+def _observer(
+    pipe: StableDiffusion,
+    plan: SamplingPlan,
+    prompt: str,
+    trajectory: inside.StepChoice,
+    guidance_maps: inside.StepChoice,
+    attention_maps: bool,
+) -> inside.Observer | None:
+    """The run's observer, or None when it records nothing (then it runs exactly the plain path)."""
+    if not (trajectory or guidance_maps or attention_maps):
+        return None
+    tokens = inside.prompt_tokens(pipe.tokenizer, pipe._windows(prompt)) if attention_maps else None
+    return inside.Observer(plan, trajectory=trajectory, guidance_maps=guidance_maps, attention_tokens=tokens)
 
 
 def _step_hook(callback: StepCallback | None, cancel: CancelToken | None) -> StepCallback:

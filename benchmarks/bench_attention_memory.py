@@ -102,13 +102,14 @@ def timing(folder: Path, repeat: int) -> dict[str, float]:
     return {name: statistics.median(values) for name, values in seconds.items()}
 
 
-def markdown(settings: dict, results: dict[str, list[dict]]) -> str:
+def markdown(settings: dict, results: dict[str, list[dict]], unet: dict[str, float]) -> str:
     plain = results["plain"]
     rows = [
         f"Machine: {settings['machine']}. torch {settings['torch']}, Python {settings['python']}.",
         f"Full-size SD 1.5, random weights, float32, 512x512, {settings['steps']} steps of euler, guidance 7.5 "
         f"(batch 2), a 10-token prompt; {settings['repeat']} fresh process(es) per variant, alternating; "
-        f"peak RSS (the process's high-water mark, weights included). {settings['date']}.",
+        f"peak RSS (the process's high-water mark, weights included). {settings['date']}. Run times are single "
+        "processes on a shared machine (tens of percent apart from run to run): the capture's own cost is below.",
         "",
         "| variant | peak RSS through the last step | × plain | peak RSS of the whole run (with the VAE decode) "
         "| × plain | run time |",
@@ -122,6 +123,11 @@ def markdown(settings: dict, results: dict[str, list[dict]]) -> str:
         seconds = min(r["seconds"] for r in runs)
         rows.append(f"| {variant} | {denoising:,.0f} MiB | {denoising / base_denoising:.3f} | {run:,.0f} MiB "
                     f"| {run / base_run:.3f} | {seconds:.1f} s |")
+    rows.append(
+        f"\nGuided 512² UNet call (batch 2), medians of 3 alternating in one process: {unet['plain']:.2f} s plain, "
+        f"{unet['capture']:.2f} s with the attention capture, of which {unet['inside the capture']:.2f} s "
+        f"({unet['inside the capture'] / unet['capture']:.1%}) inside the capture."
+    )
     return "\n".join(rows) + "\n"
 
 
@@ -162,11 +168,7 @@ def main() -> None:
     settings = {"machine": f"{cpu}, {torch.get_num_threads()} threads", "torch": torch.__version__,
                 "python": platform.python_version(), "steps": args.steps, "repeat": args.repeat,
                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    table = markdown(settings, results) + (
-        f"\nGuided 512² UNet call (batch 2), medians of 3 alternating in one process: {unet['plain']:.2f} s plain, "
-        f"{unet['capture']:.2f} s with the attention capture, of which {unet['inside the capture']:.2f} s "
-        f"({unet['inside the capture'] / unet['capture']:.1%}) inside the capture.\n"
-    )
+    table = markdown(settings, results, unet)
     print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"settings": settings, "results": results, "unet_call_s": unet}, indent=2))

@@ -20,6 +20,7 @@ from .schedules import check_prediction_type, sigma_to_timestep
 
 __all__ = [
     "Denoiser",
+    "GuidanceObserver",
     "GuidedDenoiser",
     "InpaintingDenoiser",
     "KnownRegion",
@@ -30,6 +31,8 @@ __all__ = [
 ]
 
 Model = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+GuidanceObserver = Callable[[float, torch.Tensor, torch.Tensor], None]
+"""``observer(sigma, eps_uncond, eps_cond)``: sees both halves of each guided call, as ε̂ (``inside``)."""
 
 
 def predict_x0(
@@ -106,8 +109,11 @@ class Denoiser:
 
     def denoised(self, x: torch.Tensor, sigma: float, model_output: torch.Tensor) -> torch.Tensor:
         """x̂0 from x̃ and the network's (possibly guided) output at σ."""
-        alpha_cumprod = 1 / (1 + sigma**2)
-        return predict_x0(model_output, x * alpha_cumprod**0.5, alpha_cumprod, prediction_type=self.prediction_type)
+        return predict_x0(model_output, *_x_t(x, sigma), prediction_type=self.prediction_type)
+
+    def noise(self, x: torch.Tensor, sigma: float, model_output: torch.Tensor) -> torch.Tensor:
+        """ε̂ from x̃ and the network's output at σ (the output itself for ε-prediction)."""
+        return predict_eps(model_output, *_x_t(x, sigma), prediction_type=self.prediction_type)
 
     def __call__(
         self,
@@ -118,6 +124,12 @@ class Denoiser:
         round_timestep: bool = False,
     ) -> torch.Tensor:
         return self.denoised(x, sigma, self.model_output(x, sigma, context, round_timestep=round_timestep))
+
+
+def _x_t(x: torch.Tensor, sigma: float) -> tuple[torch.Tensor, float]:
+    """The network's x_t = √ᾱ·x̃ and its ᾱ = 1/(1+σ²), from x̃ = x_0 + σ·ε."""
+    alpha_cumprod = 1 / (1 + sigma**2)
+    return x * alpha_cumprod**0.5, alpha_cumprod
 
 
 def rescale_guidance(guided_output: torch.Tensor, cond_output: torch.Tensor, phi: float) -> torch.Tensor:
@@ -133,13 +145,18 @@ def rescale_guidance(guided_output: torch.Tensor, cond_output: torch.Tensor, phi
 
 @dataclass(frozen=True, eq=False)
 class GuidedDenoiser:
-    """D(x̃; σ) with the text conditioning bound and classifier-free guidance applied (see :func:`guided`)."""
+    """D(x̃; σ) with the text conditioning bound and classifier-free guidance applied (see :func:`guided`).
+
+    ``observer``, when set, receives ε̂ of both halves of every guided call (never called without
+    guidance); it only looks, the output is the same.
+    """
 
     denoiser: Denoiser
     cond: torch.Tensor
     uncond: torch.Tensor
     scale: float
     rescale: float = field(default=0.0, kw_only=True)
+    observer: GuidanceObserver | None = field(default=None, kw_only=True)
 
     def __call__(self, x: torch.Tensor, sigma: float, *, round_timestep: bool = False) -> torch.Tensor:
         if self.scale <= 1:
@@ -149,6 +166,8 @@ class GuidedDenoiser:
             torch.cat([x, x]), sigma, torch.cat([self.uncond, self.cond]), round_timestep=round_timestep
         )
         uncond_output, cond_output = output.chunk(2)
+        if self.observer is not None:
+            self.observer(sigma, self.denoiser.noise(x, sigma, uncond_output), self.denoiser.noise(x, sigma, cond_output))
         guided_output = uncond_output + self.scale * (cond_output - uncond_output)
         if self.rescale > 0:
             guided_output = rescale_guidance(guided_output, cond_output, self.rescale)

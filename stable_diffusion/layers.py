@@ -8,12 +8,46 @@ sinusoidal timestep (and guidance) embedding. Module and parameter names follow 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Attention", "Downsample", "ResBlock", "Upsample", "guidance_scale_embedding", "timestep_embedding"]
+__all__ = [
+    "Attention",
+    "AttentionProbe",
+    "Downsample",
+    "ResBlock",
+    "Upsample",
+    "attention_probe",
+    "guidance_scale_embedding",
+    "timestep_embedding",
+]
+
+AttentionProbe = Callable[["Attention", torch.Tensor, torch.Tensor, torch.Tensor], None]
+"""``probe(module, q, k, v)``: sees a cross-attention layer's queries, keys and values ``[B, heads, N, head_dim]``."""
+
+# The probe of the current thread (or asyncio task), set only by ``attention_probe``: a context
+# variable rather than module state or forward hooks, so that a capturing run never sees, or
+# slows, the attention layers of a concurrent run that does not capture.
+_ATTENTION_PROBE: ContextVar[AttentionProbe | None] = ContextVar("attention_probe", default=None)
+
+
+@contextmanager
+def attention_probe(probe: AttentionProbe) -> Iterator[None]:
+    """Call ``probe(module, q, k, v)`` in every cross-attention layer that runs in this context.
+
+    For observers that need the attention probabilities softmax(q·kᵀ/√d), which the fused SDPA
+    kernel never materialises (``inside.AttentionCapture``). The attention's output is unchanged.
+    """
+    token = _ATTENTION_PROBE.set(probe)
+    try:
+        yield
+    finally:
+        _ATTENTION_PROBE.reset(token)
 
 
 class Attention(nn.Module):
@@ -47,6 +81,7 @@ class Attention(nn.Module):
         self.to_out = nn.Linear(inner_dim, query_dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        probe = None if context is None else _ATTENTION_PROBE.get()
         context = x if context is None else context
         batch = x.shape[0]
         # [B, N, H*D] -> [B, H, N, D]
@@ -59,6 +94,8 @@ class Attention(nn.Module):
             # SD 2.x's 768-px UNet was trained with attention in float32; its half-precision
             # logits q·kᵀ can overflow, which shows up as NaN/black images.
             q, k, v = q.float(), k.float(), v.float()
+        if probe is not None:
+            probe(self, q, k, v)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal).to(out_dtype)
         # [B, H, N, D] -> [B, N, H*D]
         out = out.transpose(1, 2).reshape(batch, -1, self.num_heads * self.head_dim)

@@ -37,7 +37,7 @@ from typing import Any, Protocol
 import torch
 from PIL import Image
 
-from . import denoisers, inpainting, prompts, samplers, schedules
+from . import denoisers, inpainting, inside, prompts, samplers, schedules
 from .clip import CLIPTextModel
 from .layers import guidance_scale_embedding
 from .images import as_pil, checked_image, native_area_size, pil_to_tensor, tensor_to_pil
@@ -68,11 +68,19 @@ class GenerationCancelled(RuntimeError):
 
 @dataclass(frozen=True)
 class Generation:
-    """The result of one request: image ``i`` was made with ``seeds[i]`` and ``parameters[i]``."""
+    """The result of one request: image ``i`` was made with ``seeds[i]`` and ``parameters[i]``.
+
+    What a run was asked to record of its inside (``inside``), per image, empty when not asked:
+    ``trajectory[i]`` (x_t and x̂0 at the chosen steps), ``guidance_maps[i]`` (|ε̂_cond − ε̂_uncond|
+    at the chosen steps; none without guidance), ``attention_maps[i]`` (one word map per prompt token).
+    """
 
     images: list[Image.Image]
     seeds: list[int]
     parameters: list[str]
+    trajectory: list[list[inside.Snapshot]] = field(default_factory=list)
+    guidance_maps: list[list[inside.GuidanceMap]] = field(default_factory=list)
+    attention_maps: list[list[inside.WordMap]] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------------ modes
@@ -259,6 +267,9 @@ class StableDiffusion:
         *,
         callback: StepCallback | None = None,
         cancel: CancelToken | None = None,
+        trajectory: inside.StepChoice = 0,
+        guidance_maps: inside.StepChoice = 0,
+        attention_maps: bool = False,
         **options: Any,
     ) -> Generation:
         """Generate images for ``prompt`` (an empty prompt samples p(x) unconditionally).
@@ -266,10 +277,12 @@ class StableDiffusion:
         ``options`` are the fields of :class:`GenerationRequest` (width, height, steps,
         guidance_scale, sampler, seed, num_images, clip_skip, guidance_rescale, decoder).
         ``callback(step, total, x0_latents)`` runs after every step (see :meth:`preview`); a set
-        ``cancel`` token stops the run between steps.
+        ``cancel`` token stops the run between steps. ``trajectory``, ``guidance_maps`` and
+        ``attention_maps`` record the inside of the run (see :meth:`generate`).
         """
         request = GenerationRequest(prompt, negative_prompt, **options)
-        return self.generate(request, callback=callback, cancel=cancel)
+        return self.generate(request, callback=callback, cancel=cancel, trajectory=trajectory,
+                             guidance_maps=guidance_maps, attention_maps=attention_maps)
 
     def image_to_image(
         self,
@@ -279,6 +292,9 @@ class StableDiffusion:
         *,
         callback: StepCallback | None = None,
         cancel: CancelToken | None = None,
+        trajectory: inside.StepChoice = 0,
+        guidance_maps: inside.StepChoice = 0,
+        attention_maps: bool = False,
         **options: Any,
     ) -> Generation:
         """Redraw ``image`` following ``prompt`` (SDEdit, Meng et al. 2022).
@@ -290,7 +306,8 @@ class StableDiffusion:
         ratio at the model's native area.
         """
         request = GenerationRequest(prompt, negative_prompt, **{"strength": 0.75, **options})
-        return self.generate(request, image=checked_image(image), callback=callback, cancel=cancel)
+        return self.generate(request, image=checked_image(image), callback=callback, cancel=cancel,
+                             trajectory=trajectory, guidance_maps=guidance_maps, attention_maps=attention_maps)
 
     def inpaint(
         self,
@@ -322,11 +339,19 @@ class StableDiffusion:
         mask: Image.Image | None = None,
         callback: StepCallback | None = None,
         cancel: CancelToken | None = None,
+        trajectory: inside.StepChoice = 0,
+        guidance_maps: inside.StepChoice = 0,
+        attention_maps: bool = False,
     ) -> Generation:
         """The one generation path: text-to-image; image-to-image with ``image``; inpainting with a ``mask`` too.
 
         ``<lora:NAME:WEIGHT>`` tags in the prompt apply that LoRA (found in ``lora_dirs``) to this
         request only: it runs alone, and the weights are restored exactly afterwards.
+
+        Observers of the run (``inside``), off by default: ``trajectory`` and ``guidance_maps``
+        choose steps (``n``: n steps spread from the first to the last; or a list of step indices
+        of the run, from 0), ``attention_maps=True`` records a word map per prompt token. They only
+        look: the images are the same with them or without.
         """
         image = None if image is None else checked_image(image)
         request = _checked_inputs(self, request, image, mask)
@@ -339,18 +364,20 @@ class StableDiffusion:
             request = dataclasses.replace(request, seed=secrets.randbelow(2**32))
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in request.seeds]
         text, tags = prompts.extract_lora_tags(request.prompt)
+        observer = _observer(self, plan, text, trajectory, guidance_maps, attention_maps)
         with self._loras.applied(tags, lora_dirs=self.lora_dirs):
             start = mode.initial_latents(self, plan, generators)
             # The text encoder sees the prompt without its tags; the PNG keeps it as typed.
             latents = self._denoise(plan, start, dataclasses.replace(request, prompt=text), generators,
-                                    _step_hook(callback, cancel))
+                                    _step_hook(callback, cancel), observer)
         images = mode.finish(self.decode(latents, decoder=request.decoder))
         label = samplers.SAMPLERS[request.sampler].label
         parameters = [
             request.parameters_text(seed, width, height, sampler_label=label, model=self.name)
             for seed in request.seeds
         ]
-        return Generation(images, request.seeds, parameters)
+        views = {} if observer is None else observer.views(self.preview, (width, height))
+        return Generation(images, request.seeds, parameters, **views)
 
     # ---------------------------------------------------------------- LoRA
     def load_lora(self, source: str | os.PathLike, scale: float = 1.0, *, name: str | None = None, **options: Any) -> str:
@@ -433,6 +460,7 @@ class StableDiffusion:
         request: GenerationRequest,
         generators: list[torch.Generator],
         on_step: StepCallback,
+        observer: inside.Observer | None = None,
     ) -> torch.Tensor:
         num_windows = max(len(self._windows(text)) for text in (request.prompt, request.negative_prompt))
         cond, uncond = (
@@ -452,7 +480,12 @@ class StableDiffusion:
         denoiser = denoisers.Denoiser(model, alphas_cumprod, self.scheduler.prediction_type)
         guided = denoisers.guided(denoiser, cond=cond, uncond=uncond, scale=scale, rescale=request.guidance_rescale)
         with torch.inference_mode():
-            latents = samplers.run(plan, start.denoiser(guided, plan), start.latents, generator=generators, callback=on_step)
+            if observer is None:
+                latents = samplers.run(plan, start.denoiser(guided, plan), start.latents, generator=generators,
+                                       callback=on_step)
+            else:
+                denoiser = start.denoiser(observer.observing_guidance(guided), plan)
+                latents = observer.run(denoiser, start.latents, generator=generators, callback=on_step)
         return start.end(latents)
 
     def _model_fn(self, *, timestep_cond: torch.Tensor | None = None) -> Callable[..., torch.Tensor]:
@@ -582,6 +615,21 @@ def _pixels(image: Image.Image, width: int, height: int) -> torch.Tensor:
     if image.size != (width, height):
         image = image.resize((width, height), Image.LANCZOS)
     return pil_to_tensor(image)[None]
+
+
+def _observer(
+    pipe: StableDiffusion,
+    plan: SamplingPlan,
+    prompt: str,
+    trajectory: inside.StepChoice,
+    guidance_maps: inside.StepChoice,
+    attention_maps: bool,
+) -> inside.Observer | None:
+    """The run's observer, or None when it records nothing (then it runs exactly the plain path)."""
+    if not (trajectory or guidance_maps or attention_maps):
+        return None
+    tokens = inside.prompt_tokens(pipe.tokenizer, pipe._windows(prompt)) if attention_maps else None
+    return inside.Observer(plan, trajectory=trajectory, guidance_maps=guidance_maps, attention_tokens=tokens)
 
 
 def _step_hook(callback: StepCallback | None, cancel: CancelToken | None) -> StepCallback:

@@ -21,7 +21,7 @@ from PIL import Image
 
 from .dataset import COLORS, SHAPES, Combination
 
-__all__ = ["Analysis", "analyze", "parse_caption", "score"]
+__all__ = ["Analysis", "analyze", "parse_caption", "score", "shape_mask"]
 
 _PALETTE_NAMES = tuple(COLORS)
 _PALETTE = np.array([COLORS[name] for name in _PALETTE_NAMES], dtype=np.float32)
@@ -87,21 +87,33 @@ def _dilate(mask: np.ndarray) -> np.ndarray:
     return grown
 
 
-def analyze(image: Image.Image | np.ndarray) -> Analysis:
-    """Read the background colour, the foreground colour and the foreground shape of ``image``."""
+def _foreground(image: Image.Image | np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, np.ndarray | None]:
+    """Pixels, background colour, each pixel's distance from it, the contrast, and the shape's region (None: no shape)."""
     pixels = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float32)
     if pixels.ndim != 3 or pixels.shape[2] != 3:
         raise ValueError(f"expected an RGB image [H, W, 3], got shape {pixels.shape}")
     ring = np.concatenate([pixels[0], pixels[-1], pixels[1:-1, 0], pixels[1:-1, -1]])
     background_rgb = np.median(ring, axis=0)
-    background = _nearest_color(background_rgb)
-
     distance = np.linalg.norm(pixels - background_rgb, axis=2)
     # The typical foreground pixel's distance: a high percentile, robust to a few stray pixels.
     contrast = float(np.percentile(distance, 99))
     if contrast < _MIN_CONTRAST:
+        return pixels, background_rgb, distance, contrast, None
+    return pixels, background_rgb, distance, contrast, _largest_component(distance > _FOREGROUND_FRACTION * contrast)
+
+
+def shape_mask(image: Image.Image | np.ndarray) -> np.ndarray:
+    """The pixels of the drawn shape as :func:`analyze` finds them (boolean ``[H, W]``; all False if none)."""
+    pixels, _, _, _, region = _foreground(image)
+    return np.zeros(pixels.shape[:2], dtype=bool) if region is None else region
+
+
+def analyze(image: Image.Image | np.ndarray) -> Analysis:
+    """Read the background colour, the foreground colour and the foreground shape of ``image``."""
+    pixels, background_rgb, distance, contrast, region = _foreground(image)
+    background = _nearest_color(background_rgb)
+    if region is None:
         return Analysis(color="none", shape="none", background=background, fill_ratio=0.0, area_fraction=0.0)
-    region = _largest_component(distance > _FOREGROUND_FRACTION * contrast)
     # The colour from the region's core, away from edges that blend into the background.
     core = region & (distance > 0.8 * contrast)
     color = _nearest_color(np.median(pixels[core if core.any() else region], axis=0))

@@ -467,18 +467,7 @@ class StableDiffusion:
             self.encode_prompt(text, clip_skip=request.clip_skip, num_windows=num_windows).float().expand(len(generators), -1, -1)
             for text in (request.prompt, request.negative_prompt)
         )
-        alphas_cumprod = schedules.alphas_cumprod_from_config(self.scheduler)
-        guidance_dim = self.unet.config.time_cond_proj_dim
-        timestep_cond, scale = None, request.guidance_scale
-        if guidance_dim is not None:
-            # A guidance-distilled UNet (LCM, Luo et al. 2023, §4.2) takes the guidance weight as an
-            # input beside the timestep and needs no guidance batch; diffusers' LCM pipeline feeds
-            # w = guidance_scale - 1 and ignores the negative prompt.
-            weight = torch.tensor([request.guidance_scale - 1.0])
-            timestep_cond, scale = guidance_scale_embedding(weight, guidance_dim), 1.0
-        model = start.model(self._model_fn(timestep_cond=timestep_cond))
-        denoiser = denoisers.Denoiser(model, alphas_cumprod, self.scheduler.prediction_type)
-        guided = denoisers.guided(denoiser, cond=cond, uncond=uncond, scale=scale, rescale=request.guidance_rescale)
+        guided = _guided_denoiser(self, request, cond, uncond, start)
         with torch.inference_mode():
             if observer is None:
                 latents = samplers.run(plan, start.denoiser(guided, plan), start.latents, generator=generators,
@@ -487,18 +476,6 @@ class StableDiffusion:
                 denoiser = start.denoiser(observer.observing_guidance(guided), plan)
                 latents = observer.run(denoiser, start.latents, generator=generators, callback=on_step)
         return start.end(latents)
-
-    def _model_fn(self, *, timestep_cond: torch.Tensor | None = None) -> Callable[..., torch.Tensor]:
-        # The sampler's arithmetic stays in float32 whatever the network's precision: small
-        # differences of large numbers (x - σ·ε at high σ) lose the image in bfloat16.
-        unet, dtype = self.unet, self.dtype
-        if timestep_cond is not None:
-            timestep_cond = timestep_cond.to(self.device, dtype)
-
-        def model(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-            return unet(x.to(dtype), t, context.to(dtype), timestep_cond=timestep_cond).float()
-
-        return model
 
     def _decode_unscaled(self, latents: torch.Tensor) -> torch.Tensor:
         """Pixels in [-1, 1] (float32) of VAE latents (without the scaling factor)."""
@@ -608,6 +585,37 @@ def _mode(
 def _latent_shape(pipe: StableDiffusion, batch: int, width: int, height: int) -> tuple[int, int, int, int]:
     factor = pipe.vae.config.downsampling_factor
     return batch, pipe.vae.config.latent_channels, height // factor, width // factor
+
+
+def _guided_denoiser(
+    pipe: StableDiffusion, request: GenerationRequest, cond: torch.Tensor, uncond: torch.Tensor, start: _Start
+) -> denoisers.GuidedDenoiser:
+    """The UNet as D(x̃; σ) with the prompts bound and the request's guidance."""
+    alphas_cumprod = schedules.alphas_cumprod_from_config(pipe.scheduler)
+    guidance_dim = pipe.unet.config.time_cond_proj_dim
+    timestep_cond, scale = None, request.guidance_scale
+    if guidance_dim is not None:
+        # A guidance-distilled UNet (LCM, Luo et al. 2023, §4.2) takes the guidance weight as an
+        # input beside the timestep and needs no guidance batch; diffusers' LCM pipeline feeds
+        # w = guidance_scale - 1 and ignores the negative prompt.
+        weight = torch.tensor([request.guidance_scale - 1.0])
+        timestep_cond, scale = guidance_scale_embedding(weight, guidance_dim), 1.0
+    model = start.model(_unet_function(pipe, timestep_cond))
+    denoiser = denoisers.Denoiser(model, alphas_cumprod, pipe.scheduler.prediction_type)
+    return denoisers.guided(denoiser, cond=cond, uncond=uncond, scale=scale, rescale=request.guidance_rescale)
+
+
+def _unet_function(pipe: StableDiffusion, timestep_cond: torch.Tensor | None) -> Callable[..., torch.Tensor]:
+    # The sampler's arithmetic stays in float32 whatever the network's precision: small
+    # differences of large numbers (x - σ·ε at high σ) lose the image in bfloat16.
+    unet, dtype = pipe.unet, pipe.dtype
+    if timestep_cond is not None:
+        timestep_cond = timestep_cond.to(pipe.device, dtype)
+
+    def model(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return unet(x.to(dtype), t, context.to(dtype), timestep_cond=timestep_cond).float()
+
+    return model
 
 
 def _pixels(image: Image.Image, width: int, height: int) -> torch.Tensor:

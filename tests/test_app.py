@@ -489,12 +489,10 @@ def test_unusable_device_is_one_line_not_a_traceback(device: str, message: str) 
                             timeout=120)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("app.py: error:")]
-    assert len(errors) == 1 and message.lower() in errors[0].lower()
-    # The usage (its first line and indented continuations), then the error: nothing else.
-    *usage, error = result.stderr.strip().splitlines()
-    assert usage[0].startswith("usage: ") and all(line.startswith(" ") for line in usage[1:]), result.stderr
-    assert error == errors[0]
+    # One line and nothing else: the flag was understood, this machine lacks the device.
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("app.py: error:"), result.stderr
+    assert message.lower() in lines[0].lower()
 
 
 def test_send_to_text_to_image_keeps_values_the_page_can_take() -> None:

@@ -1,4 +1,5 @@
-"""Gradio demo of the from-scratch Stable Diffusion: text to image, image to image, noise schedules, PNG info.
+"""Gradio demo of the from-scratch Stable Diffusion: text to image, image to image, inpainting (each can show
+the inside of its run), noise schedules and sampler paths, PNG info.
 
 Runs as a Hugging Face Space (python app.py, which is what a Space runs) or locally:
 
@@ -51,8 +52,10 @@ MAX_QUEUE = 32
 # label over its top-left corner, where it hides the plot's title and the first thumbnails: class
 # "label-above" puts it above them. A slider's number box is wide enough for 8 digits, which
 # leaves its label too little room on a half-width row: 4 digits and the spin buttons are enough.
+# A gallery without a height is at least 450 px tall: class "gallery-fits" makes it as tall as its rows.
 CSS = """
 .label-above > label[data-testid="block-label"] { position: static; margin-bottom: var(--spacing-md); }
+.gallery-fits .grid-wrap.fixed-height { min-height: 0; max-height: none; }
 .bottom-aligned { align-items: flex-end; }
 input[data-testid="number-input"] { width: 6em; }
 """
@@ -135,19 +138,21 @@ def build_demo(served: ServedModel, *, known: Sequence[KnownModel] = ()) -> gr.B
                 inpaint = inpaint_tab(served, examples=prompts["inpaint"], examples_dir=EXAMPLES_DIR,
                                       placeholder=prompts["placeholder"])
             with gr.Tab("Noise schedule", id="noise-schedule"):
-                noise_tab(served, examples["noise_schedule"], EXAMPLES_DIR)
+                sampler_paths = noise_tab(served, examples["noise_schedule"], EXAMPLES_DIR)
             with gr.Tab("PNG info", id="png-info"):
                 png_info_tab(text_to_image, tabs=tabs, target_tab="text-to-image",
                              examples=[str(EXAMPLES_DIR / path) for path in examples["png_info"]])
         generation_controls = [text_to_image, image_to_image, inpaint]
 
         def page(pipe: StableDiffusion | None) -> dict:
-            """The updates after a switch to ``pipe``: each tab's settings and prompt placeholder."""
+            """The updates after a switch to ``pipe``: each tab's settings and prompt placeholder, the sampler paths."""
             placeholder = prompts_for(pipe)["placeholder"]
-            return {component: update for controls in generation_controls
-                    for component, update in controls.updates(pipe, placeholder=placeholder).items()}
+            return {**{component: update for controls in generation_controls
+                       for component, update in controls.updates(pipe, placeholder=placeholder).items()},
+                    **sampler_paths.updates(pipe)}
 
-        picker.wire(demo, page, outputs=[c for controls in generation_controls for c in controls.updated()])
+        picker.wire(demo, page, outputs=[*(c for controls in generation_controls for c in controls.updated()),
+                                         sampler_paths.sampler, sampler_paths.steps, sampler_paths.plot])
     demo.queue(max_size=MAX_QUEUE)
     return demo
 

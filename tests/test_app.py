@@ -389,6 +389,17 @@ def hostile_requests(files: dict[str, Path]) -> list[tuple[str, list[object], st
         ("/schedule_plot", [[], False, 1000], "Pick at least one schedule"),
         ("/png_info", [handle_file(str(files["truncated"]))],
          "Image with parameters: truncated.png is damaged or cut short"),
+        # The inside views: the options after the decoder, their endpoints, the sampler paths.
+        ("/text_to_image", [*t2i_args(), "full", "yes", False, False, 6],
+         "Show the denoising must be true or false, got 'yes'"),
+        ("/text_to_image", [*t2i_args(), "full", False, 1, False, 6], "Where guidance pushes must be true or false, got 1"),
+        ("/text_to_image", [*t2i_args(), "full", True, False, False, 0], "Steps shown (N) must be a number from 1 to 12, got 0"),
+        ("/image_to_image", [*i2i_args(handle_file(str(EXAMPLE_IMAGE))), "full", False, False, None, 6],
+         "Word maps must be true or false, got None"),
+        ("/text_to_image_inside", [0], "Image of the batch must be a number of at least 1, got 0"),
+        ("/schedule_plot", [["linear"], "no", 1000], "Zero terminal SNR must be true or false, got 'no'"),
+        ("/sampler_paths", ["plms", 4], "Sampler must be one of ddpm, ddim, euler"),
+        ("/sampler_paths", ["euler", 0], "Steps N must be a number from 1 to 50, got 0"),
     ]
 
 
@@ -419,11 +430,13 @@ def test_non_finite_numbers_over_raw_http(app_url: str) -> None:
         with urllib.request.urlopen(f"{app_url}gradio_api/call/text_to_image/{event_id}", timeout=60) as response:
             return response.read().decode()
 
-    # Raw HTTP gives every argument, the decoder last.
+    # Raw HTTP gives every argument: the decoder, then the inside views' options last.
     assert "Steps must be a number from 1 to 100, got nan" in call(
-        '"a red circle", "", "euler", NaN, 7.5, 64, 64, 1, 1, "full"')
+        '"a red circle", "", "euler", NaN, 7.5, 64, 64, 1, 1, "full", false, false, false, 6')
     assert "Guidance scale (CFG) must be a number from 0 to 20, got inf" in call(
-        '"a red circle", "", "euler", 3, Infinity, 64, 64, 1, 1, "full"')
+        '"a red circle", "", "euler", 3, Infinity, 64, 64, 1, 1, "full", false, false, false, 6')
+    assert "Steps shown (N) must be a number from 1 to 12, got nan" in call(
+        '"a red circle", "", "euler", 3, 7.5, 64, 64, 1, 1, "full", true, false, false, NaN')
 
 
 def test_every_setting_with_a_natural_default_has_one_in_the_api(client: Client) -> None:
@@ -432,7 +445,15 @@ def test_every_setting_with_a_natural_default_has_one_in_the_api(client: Client)
                 for name, endpoint in api["named_endpoints"].items()}
     assert required == {"/text_to_image": [], "/image_to_image": ["image"], "/schedule_plot": [],
                         "/noise_pixels": [], "/noise_latents": [], "/png_info": ["image"],
-                        "/parse_parameters": ["text"], "/inpaint": ["editor"], "/load_model": []}
+                        "/parse_parameters": ["text"], "/inpaint": ["editor"], "/load_model": [],
+                        "/text_to_image_inside": [], "/image_to_image_inside": [], "/inpaint_inside": [],
+                        "/sampler_paths": []}
+    # The inside views are off unless asked for, and their endpoints return what gradio_client
+    # returned before they existed: the gallery, the preview and the parameters.
+    defaults = {p["parameter_name"]: p["parameter_default"]
+                for p in api["named_endpoints"]["/text_to_image"]["parameters"][-4:]}
+    assert defaults == {"show_denoising": False, "show_guidance": False, "show_word_maps": False, "steps_shown": 6}
+    assert len(api["named_endpoints"]["/text_to_image"]["returns"]) == 3
     gallery, _preview, parameters = client.predict("a red circle", api_name="/text_to_image")
     assert gallery_images(gallery)[0].size == (64, 64)
     assert "Steps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7.5" in parameters

@@ -2,10 +2,12 @@
 
 At 1400 px wide it also checks what a first look would catch: labels on one line, the sampler's
 name whole beside its arrow, no label badge over a plot or a thumbnail, and the PNG info tab
-filling text to image.
+filling text to image. It runs a generation with the inside views (the denoising, where guidance
+pushes, word maps), shows another image's by clicking it, and draws the sampler paths.
 
 Screenshots go to the test's ``tmp_path``; with ``UPDATE_SCREENSHOTS=1`` they are also copied to
-``examples/screenshots/`` (the README links them). Without ``/usr/bin/chromium`` the test skips,
+``examples/screenshots/`` (the README links them): one per tab, and the inside views and the
+sampler paths on their own. Without ``/usr/bin/chromium`` the test skips,
 unless ``REQUIRE_BROWSER=1`` (CI), where it fails.
 """
 
@@ -84,7 +86,11 @@ def test_page_generates_and_screenshots_every_tab(tmp_path: Path) -> None:
         _check_numbers_shown_whole(page)
         for elem_id in ("t2i-gallery", "t2i-preview"):
             _check_label_clear_of_content(page, elem_id)
+        _show_the_inside(page)
         shots["text-to-image"] = _screenshot(page, tmp_path)
+        shots["inside-the-generation"] = _element_screenshot(page, "t2i-inside-views",
+                                                             tmp_path / "inside-the-generation.png")
+        _choose_the_second_image(page)
 
         page.get_by_role("tab", name="Image to image").click()
         page.locator("#i2i-prompt textarea").wait_for(state="visible")
@@ -104,7 +110,9 @@ def test_page_generates_and_screenshots_every_tab(tmp_path: Path) -> None:
         for elem_id in ("noise-plot", "noise-pixels", "noise-latents"):
             _check_label_clear_of_content(page, elem_id)
         _check_numbers_shown_whole(page)  # "Training steps T": 1000
+        _draw_one_step_paths(page)
         shots["noise-schedule"] = _screenshot(page, tmp_path)
+        shots["sampler-paths"] = _element_screenshot(page, "sampler-paths", tmp_path / "sampler-paths.png")
 
         shots["png-info"] = _png_info_sends_to_text_to_image(page, tmp_path)
 
@@ -182,6 +190,50 @@ def _wait_for_few_step_defaults(page) -> None:
     values = {name: page.locator(f"#t2i-{name} input").first.input_value()
               for name in ("sampler", "guidance-scale", "decoder")}
     assert values == {"sampler": "Euler a", "guidance-scale": "0", "decoder": "Tiny (TAESD)"}
+
+
+def _show_the_inside(page) -> None:
+    """Open "Inside the generation", ask for the three views of two images and check what appears beneath."""
+    page.get_by_text("Inside the generation").click()
+    for view in ("denoising", "guidance", "word-maps"):
+        page.locator(f"#t2i-show-{view} input").check()
+    _set_slider(page, "#t2i-num-images", 2)
+    page.locator("#t2i-seed input").fill("6")  # a seed that draws it well
+    page.locator("#t2i-generate").click()
+    for elem_id in ("t2i-inside-denoising", "t2i-inside-guidance"):
+        page.locator(f"#{elem_id} img").wait_for(state="visible")
+    words = page.locator("#t2i-inside-words .thumbnail-item")
+    words.nth(6).wait_for(state="visible")
+    assert words.locator(".caption-label").all_inner_texts() == ["a", "red", "circle", "on", "a", "blue",
+                                                                 "background"]
+    assert page.locator("#t2i-inside-note").inner_text().startswith("Inside image 1 of 2 (seed 6)")
+    for elem_id in ("t2i-inside-denoising", "t2i-inside-guidance", "t2i-inside-words"):
+        _check_label_clear_of_content(page, elem_id)
+
+
+def _choose_the_second_image(page) -> None:
+    """Click the second result: the views beneath become its own."""
+    strip = page.locator("#t2i-inside-denoising img").get_attribute("src")
+    page.locator("#t2i-gallery .thumbnail-item").nth(1).click()
+    page.wait_for_function("() => document.querySelector('#t2i-inside-note').innerText"
+                           ".startsWith('Inside image 2 of 2 (seed 7)')")
+    assert page.locator("#t2i-inside-denoising img").get_attribute("src") != strip
+
+
+def _draw_one_step_paths(page) -> None:
+    """Euler in one step on the sampler paths' plot: the view that shows why one-step models space "trailing"."""
+    plot = page.locator("#paths-plot img")
+    plot.wait_for(state="visible")
+    _check_label_clear_of_content(page, "paths-plot")
+
+    def redrawn(change) -> None:
+        before = plot.get_attribute("src")
+        change()
+        page.wait_for_function("before => document.querySelector('#paths-plot img').src !== before", arg=before)
+
+    redrawn(lambda: (page.locator("#paths-sampler input").click(),
+                     page.get_by_role("option", name="Euler", exact=True).click()))
+    redrawn(lambda: _set_slider(page, "#paths-steps", 1))
 
 
 def _png_info_sends_to_text_to_image(page, folder: Path) -> Path:
@@ -270,6 +322,15 @@ def _wait_for_textarea_containing(page, text: str) -> None:
         "text => [...document.querySelectorAll('textarea')].some(t => t.value.includes(text))", arg=text,
         timeout=TIMEOUT_MS,
     )
+
+
+def _element_screenshot(page, elem_id: str, path: Path) -> Path:
+    """A screenshot of one part of the page, with no focus ring or hover on it."""
+    page.evaluate("() => document.activeElement && document.activeElement.blur()")
+    page.mouse.move(0, 0)
+    page.wait_for_timeout(1500)  # as _screenshot
+    page.locator(f"#{elem_id}").screenshot(path=str(path))
+    return path
 
 
 def _screenshot(page, folder: Path) -> Path:

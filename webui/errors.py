@@ -31,6 +31,9 @@ LABELS = {
     "decoder": "Decoder",
     "mask_blur": "Mask blur",
     "paste_back": "Paste back",
+    # The inside views' steps: the page asks for both with one slider.
+    "trajectory": "Steps shown (N)",
+    "guidance_maps": "Steps shown (N)",
 }
 
 

@@ -27,6 +27,7 @@ from stable_diffusion.samplers import SAMPLERS
 
 from .errors import RequestError, user_error
 from .inputs import CheckedDropdown, CheckedImage, CheckedNumber, CheckedSlider
+from .inside_views import DEFAULT_STEPS_SHOWN, InsideOptions, InsideViews, Recorded, enlarged, observers
 from .models import lora_names, recommended
 from .served import ServedModel, gpu
 
@@ -181,22 +182,25 @@ def generation_tab(served: ServedModel, *, prefix: str, takes_image: bool, examp
         with gr.Column():
             extra_inputs = _image_inputs(prefix) if takes_image else []
             controls = Controls(served, prefix=prefix, auto_size=takes_image, placeholder=placeholder)
+            inside = InsideOptions(prefix=prefix)
             with gr.Row():
                 generate = gr.Button("Generate", variant="primary", interactive=served.pipe is not None,
                                      elem_id=f"{prefix}-generate")
                 stop = gr.Button("Stop", variant="stop", elem_id=f"{prefix}-stop")
         with gr.Column():
             outputs = result_components(prefix)
+    views = InsideViews(prefix=prefix)
     if takes_image:  # rows of (image, prompt, strength)
         example_inputs = [extra_inputs[0], controls.prompt, extra_inputs[1]]
     else:  # rows of (prompt, negative prompt)
         example_inputs = [controls.prompt, controls.negative_prompt]
     gr.Examples(examples, inputs=example_inputs, cache_examples=False)
     handler = _image_to_image(served) if takes_image else _text_to_image(served)
-    event = gr.on([generate.click, controls.prompt.submit], handler,
-                  inputs=[*extra_inputs, *controls.inputs(), controls.decoder],
-                  outputs=outputs, api_name=handler.__name__, concurrency_limit=GENERATION_CONCURRENCY,
-                  concurrency_id="model", show_progress_on=[outputs[0]])
+    triggers = [generate.click, controls.prompt.submit]
+    event = gr.on(triggers, handler, inputs=[*extra_inputs, *controls.inputs(), controls.decoder, *inside.inputs()],
+                  outputs=[*outputs, views.recorded], api_name=handler.__name__,
+                  concurrency_limit=GENERATION_CONCURRENCY, concurrency_id="model", show_progress_on=[outputs[0]])
+    views.wire(triggers, event, outputs[0], api_name=f"{handler.__name__}_inside")
     stop.click(None, cancels=[event], api_visibility="private", queue=False)
     return controls
 
@@ -210,7 +214,10 @@ def _image_inputs(prefix: str) -> list[gr.components.Component]:
 
 
 def result_components(prefix: str) -> list[gr.components.Component]:
-    """The results column: the gallery of PNG files, the live preview and the parameters text."""
+    """The results column: the gallery of PNG files, the live preview and the parameters text.
+
+    A generation's event has one more output after these, the ``InsideViews.recorded`` state.
+    """
     gallery = gr.Gallery(label="Results (PNG files carry their parameters)", columns=2, height=512,
                          object_fit="contain", buttons=["download", "fullscreen"], elem_id=f"{prefix}-gallery",
                          elem_classes=["label-above"])
@@ -222,29 +229,35 @@ def result_components(prefix: str) -> list[gr.components.Component]:
 
 
 # ------------------------------------------------------------------------------------ endpoints
-def _text_to_image(served: ServedModel) -> Callable[..., Iterator[tuple[Any, Any, str]]]:
+def _text_to_image(served: ServedModel) -> Callable[..., Iterator[tuple[Any, ...]]]:
     @gpu
     def text_to_image(prompt: str, negative_prompt: str, sampler: str, steps: int, guidance_scale: float,
                       width: int, height: int, seed: int, num_images: int, decoder: str = "full",
-                      progress: gr.Progress = gr.Progress()) -> Iterator[tuple[Any, Any, str]]:
+                      show_denoising: bool = False, show_guidance: bool = False, show_word_maps: bool = False,
+                      steps_shown: int = DEFAULT_STEPS_SHOWN,
+                      progress: gr.Progress = gr.Progress()) -> Iterator[tuple[Any, ...]]:
         settings = dict(negative_prompt=negative_prompt, sampler=sampler, steps=steps, guidance_scale=guidance_scale,
                         width=width, height=height, seed=seed, num_images=num_images, decoder=decoder)
-        yield from stream_generation(served, prompt, settings, None, progress)
+        observe = observers(show_denoising, show_guidance, show_word_maps, steps_shown)
+        yield from stream_generation(served, prompt, settings, None, progress, observe=observe)
 
     return text_to_image
 
 
-def _image_to_image(served: ServedModel) -> Callable[..., Iterator[tuple[Any, Any, str]]]:
+def _image_to_image(served: ServedModel) -> Callable[..., Iterator[tuple[Any, ...]]]:
     @gpu
     def image_to_image(image: Image.Image | None, strength: float, prompt: str, negative_prompt: str, sampler: str,
                        steps: int, guidance_scale: float, width: int, height: int, seed: int, num_images: int,
-                       decoder: str = "full", progress: gr.Progress = gr.Progress()) -> Iterator[tuple[Any, Any, str]]:
+                       decoder: str = "full", show_denoising: bool = False, show_guidance: bool = False,
+                       show_word_maps: bool = False, steps_shown: int = DEFAULT_STEPS_SHOWN,
+                       progress: gr.Progress = gr.Progress()) -> Iterator[tuple[Any, ...]]:
         if image is None:  # the pipeline would draw from text alone
             raise RequestError("No input image: upload or paste an image to start from.")
         settings = dict(negative_prompt=negative_prompt, sampler=sampler, steps=steps, guidance_scale=guidance_scale,
                         width=width or None, height=height or None, seed=seed, num_images=num_images,
                         strength=strength, decoder=decoder)
-        yield from stream_generation(served, prompt, settings, image, progress)
+        observe = observers(show_denoising, show_guidance, show_word_maps, steps_shown)
+        yield from stream_generation(served, prompt, settings, image, progress, observe=observe)
 
     return image_to_image
 
@@ -259,10 +272,13 @@ def _request(prompt: str, settings: dict[str, Any]) -> GenerationRequest:
 
 # ------------------------------------------------------------------------------------ streaming
 def stream_generation(served: ServedModel, prompt: str, settings: dict[str, Any], image: Image.Image | None,
-                      progress: gr.Progress, *, mask: Image.Image | None = None) -> Iterator[tuple[Any, Any, str]]:
-    """Run a generation in a worker thread; yield live previews, then the finished PNG files.
+                      progress: gr.Progress, *, mask: Image.Image | None = None,
+                      observe: dict[str, Any] | None = None) -> Iterator[tuple[Any, ...]]:
+    """Run a generation in a worker thread; yield live previews, then the finished PNG files and what
+    the run recorded of its inside (``inside_views.Recorded``, or None).
 
-    ``image`` and ``mask`` go to ``StableDiffusion.generate`` (image to image, inpainting).
+    ``image``, ``mask`` and the observers ``observe`` (``inside_views.observers``) go to
+    ``StableDiffusion.generate`` (image to image, inpainting, the inside views).
 
     The sampler's callback feeds a queue that this generator drains, so a slow browser never slows
     the sampling (previews it could not show in time are skipped). When Gradio closes the
@@ -276,7 +292,8 @@ def stream_generation(served: ServedModel, prompt: str, settings: dict[str, Any]
         raise user_error(error) from None
     updates: queue.Queue = queue.Queue()
     cancel = threading.Event()
-    threading.Thread(target=_work, args=(served, request, image, mask, updates, cancel), name="generation",
+    inputs = {"image": image, "mask": mask, **(observe or {})}
+    threading.Thread(target=_work, args=(served, request, inputs, updates, cancel), name="generation",
                      daemon=True).start()
     try:
         while True:
@@ -292,34 +309,30 @@ def stream_generation(served: ServedModel, prompt: str, settings: dict[str, Any]
                 break
             step, total, preview = payload
             progress((step + 1, total), desc="Denoising", unit="steps")
-            yield gr.skip(), preview, f"Step {step + 1} of {total}"
+            yield gr.skip(), preview, f"Step {step + 1} of {total}", gr.skip()
         result: Generation = payload[0]
         with tempfile.TemporaryDirectory(prefix="sd-app-") as folder:
             # Gradio copies the files into its cache while handling this yield, before the folder goes.
-            yield _png_files(result, Path(folder)), gr.skip(), "\n\n".join(result.parameters)
+            yield (_png_files(result, Path(folder)), gr.skip(), "\n\n".join(result.parameters),
+                   Recorded.of(result, request.guidance_scale))
     finally:
         cancel.set()
 
 
-def _work(served: ServedModel, request: GenerationRequest, image: Image.Image | None, mask: Image.Image | None,
-          updates: queue.Queue, cancel: threading.Event) -> None:
+def _work(served: ServedModel, request: GenerationRequest, inputs: dict[str, Any], updates: queue.Queue,
+          cancel: threading.Event) -> None:
+    """Run ``request`` with ``inputs`` (``ServedModel.generate``'s image, mask and observers); report to ``updates``."""
     def on_step(step: int, total: int, x0_latents: torch.Tensor) -> None:  # runs in the job's turn: pipe is fixed
-        updates.put(("step", step, total, _enlarged(grid(served.pipe.preview(x0_latents)))))
+        updates.put(("step", step, total, enlarged(grid(served.pipe.preview(x0_latents)), PREVIEW_SIDE)))
 
     try:
-        result = served.generate([request], door="page", image=image, mask=mask, callback=on_step, cancel=cancel)[0]
+        result = served.generate([request], door="page", callback=on_step, cancel=cancel, **inputs)[0]
         updates.put(("done", result))
     except GenerationCancelled as error:  # the user pressed Stop or left, or an API client interrupted it
         logger.info("Generation stopped: %s", error)
         updates.put(("stopped", error))
     except Exception as error:  # handed to the generator, which reports it on the page
         updates.put(("error", error))
-
-
-def _enlarged(image: Image.Image) -> Image.Image:
-    """A small preview scaled up by a whole factor, without smoothing, so its pixels stay visible."""
-    factor = max(1, PREVIEW_SIDE // max(image.size))
-    return image.resize((image.width * factor, image.height * factor), Image.NEAREST) if factor > 1 else image
 
 
 def _png_files(result: Generation, folder: Path) -> list[tuple[str, str]]:

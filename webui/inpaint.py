@@ -23,6 +23,7 @@ from stable_diffusion.request import MAX_MASK_BLUR
 from .errors import user_error
 from .generation import GENERATION_CONCURRENCY, Controls, result_components, stream_generation
 from .inputs import CheckedSlider
+from .inside_views import DEFAULT_STEPS_SHOWN, InsideOptions, InsideViews, observers
 from .served import ServedModel, gpu
 
 __all__ = ["MAX_OUTPAINT", "inpaint_tab"]
@@ -60,19 +61,23 @@ def inpaint_tab(served: ServedModel, *, examples: list[dict[str, Any]], examples
                     outpaint = [CheckedSlider(0, MAX_OUTPAINT, value=0, step=8, precision=0, label=f"{side.title()} (px)",
                                           elem_id=f"inp-outpaint-{side}") for side in SIDES]
             controls = Controls(served, prefix="inp", auto_size=True, placeholder=placeholder)
+            inside = InsideOptions(prefix="inp")
             with gr.Row():
                 generate = gr.Button("Generate", variant="primary", interactive=served.pipe is not None,
                                      elem_id="inp-generate")
                 stop = gr.Button("Stop", variant="stop", elem_id="inp-stop")
         with gr.Column():
             outputs = result_components("inp")
+    views = InsideViews(prefix="inp")
     rows = [[_editor_value(example, examples_dir), example["prompt"], example["strength"],
              example.get("outpaint_right", 0)] for example in examples]
     gr.Examples(rows, inputs=[editor, controls.prompt, strength, outpaint[1]], cache_examples=False)
-    event = gr.on([generate.click, controls.prompt.submit], _inpaint(served),
-                  inputs=[editor, strength, mask_blur, *outpaint, *controls.inputs(), controls.decoder], outputs=outputs,
-                  api_name="inpaint", concurrency_limit=GENERATION_CONCURRENCY, concurrency_id="model",
-                  show_progress_on=[outputs[0]])
+    triggers = [generate.click, controls.prompt.submit]
+    event = gr.on(triggers, _inpaint(served),
+                  inputs=[editor, strength, mask_blur, *outpaint, *controls.inputs(), controls.decoder, *inside.inputs()],
+                  outputs=[*outputs, views.recorded], api_name="inpaint", concurrency_limit=GENERATION_CONCURRENCY,
+                  concurrency_id="model", show_progress_on=[outputs[0]])
+    views.wire(triggers, event, outputs[0], api_name="inpaint_inside")
     stop.click(None, cancels=[event], api_visibility="private", queue=False)
     return controls
 
@@ -82,12 +87,14 @@ def _editor_value(example: dict[str, Any], examples_dir: Path) -> dict[str, Any]
     return {"background": str(examples_dir / example["image"]), "layers": layers, "composite": None}
 
 
-def _inpaint(served: ServedModel) -> Callable[..., Iterator[tuple[Any, Any, str]]]:
+def _inpaint(served: ServedModel) -> Callable[..., Iterator[tuple[Any, ...]]]:
     @gpu
     def inpaint(editor: dict[str, Any] | None, strength: float, mask_blur: float, left: float, right: float,
                 top: float, bottom: float, prompt: str, negative_prompt: str, sampler: str, steps: int,
                 guidance_scale: float, width: int, height: int, seed: int, num_images: int, decoder: str = "full",
-                progress: gr.Progress = gr.Progress()) -> Iterator[tuple[Any, Any, str]]:
+                show_denoising: bool = False, show_guidance: bool = False, show_word_maps: bool = False,
+                steps_shown: int = DEFAULT_STEPS_SHOWN,
+                progress: gr.Progress = gr.Progress()) -> Iterator[tuple[Any, ...]]:
         try:
             image, mask = _picture_and_mask(editor, left=int(left), right=int(right), top=int(top), bottom=int(bottom))
         except ValueError as error:
@@ -95,7 +102,8 @@ def _inpaint(served: ServedModel) -> Callable[..., Iterator[tuple[Any, Any, str]
         settings = dict(negative_prompt=negative_prompt, sampler=sampler, steps=steps, guidance_scale=guidance_scale,
                         width=width or None, height=height or None, seed=seed, num_images=num_images,
                         strength=strength, mask_blur=int(mask_blur), paste_back=True, decoder=decoder)
-        yield from stream_generation(served, prompt, settings, image, progress, mask=mask)
+        observe = observers(show_denoising, show_guidance, show_word_maps, steps_shown)
+        yield from stream_generation(served, prompt, settings, image, progress, mask=mask, observe=observe)
 
     return inpaint
 

@@ -25,6 +25,7 @@ from .errors import RequestError
 
 __all__ = [
     "MAX_IMAGE_MEGAPIXELS",
+    "CheckedCheckbox",
     "CheckedCheckboxGroup",
     "CheckedDropdown",
     "CheckedImage",
@@ -98,6 +99,17 @@ class CheckedDropdown(gr.Dropdown):
         values = [value for _, value in self.choices]
         if isinstance(payload, (list, dict)) or payload not in values:
             raise RequestError(f"{self.label} must be one of {', '.join(map(str, values))}; got {_shown(payload)}.")
+        return super().preprocess(payload)
+
+
+class CheckedCheckbox(gr.Checkbox):
+    """A checkbox whose value must be true or false: Gradio's would pass on any text or number."""
+
+    is_template = True
+
+    def preprocess(self, payload: Any) -> bool:
+        if not isinstance(payload, bool):
+            raise RequestError(f"{self.label} must be true or false, got {_shown(payload)}.")
         return super().preprocess(payload)
 
 

@@ -1,8 +1,11 @@
-"""The noise-schedule tab: the forward process q(x_t | x_0), drawn from the package's schedule functions."""
+"""The noise-schedule tab: the forward process q(x_t | x_0), drawn from the package's schedule functions,
+and the steps each sampler takes over the served model's schedule."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import gradio as gr
 import numpy as np
@@ -10,15 +13,20 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image
 
+import stable_diffusion
 from stable_diffusion import schedules
 from stable_diffusion.images import checked_image, pil_to_tensor, tensor_to_pil
+from stable_diffusion.inside_pictures import sampler_path_figure, sampler_paths
+from stable_diffusion.pipelines import StableDiffusion
+from stable_diffusion.samplers import SAMPLERS
 
-from .errors import RequestError
+from .errors import RequestError, user_error
 from .generation import GENERATION_CONCURRENCY
-from .inputs import CheckedCheckboxGroup, CheckedDropdown, CheckedImage, CheckedNumber, CheckedSlider
+from .inputs import CheckedCheckbox, CheckedCheckboxGroup, CheckedDropdown, CheckedImage, CheckedNumber, CheckedSlider
+from .models import recommended
 from .served import ServedModel, gpu
 
-__all__ = ["SCHEDULE_BETAS", "noise_tab"]
+__all__ = ["MAX_PATH_STEPS", "SCHEDULE_BETAS", "SamplerPaths", "noise_tab"]
 
 # The noise tab's schedules, with the β range each was published with: DDPM's linear (Ho et al.
 # 2020, §4), the latent diffusion models' scaled linear (Rombach et al. 2022), and the cosine
@@ -30,17 +38,22 @@ SCHEDULE_BETAS = {
 }
 DEFAULT_TIMESTEPS = "0, 100, 250, 500, 750, 999"
 NOISE_IMAGE_SIDE = 256
+MAX_PATH_STEPS = 50
+# The sampler paths follow the served model's scheduler config, or SD 1.5's without a model.
+SD15_SCHEDULER = Path(stable_diffusion.__file__).parent / "assets" / "configs" / "sd15" / "scheduler" / \
+    "scheduler_config.json"
 
 
-def noise_tab(served: ServedModel, examples: list[str], examples_dir: Path) -> None:
-    """The tab: schedule curves, and an image noised in pixel space and in the VAE's latent space."""
+def noise_tab(served: ServedModel, examples: list[str], examples_dir: Path) -> SamplerPaths:
+    """The tab: schedule curves, an image noised in pixel space and in the VAE's latent space, and the
+    sampler paths (returned: the model picker updates them)."""
     gr.Markdown(
         "The forward process q(x_t | x_0) = N(√ᾱ_t·x_0, (1−ᾱ_t)·I) (Ho et al. 2020, eq. 4) for a few β "
         "schedules. Dashed lines: the same schedule rescaled to zero terminal SNR (Lin et al. 2023)."
     )
     with gr.Row():
         names = CheckedCheckboxGroup(list(SCHEDULE_BETAS), value=list(SCHEDULE_BETAS), label="Schedules to compare")
-        zero_snr = gr.Checkbox(value=False, label="Zero terminal SNR", info="rescale so that ᾱ at t = T−1 is 0")
+        zero_snr = CheckedCheckbox(value=False, label="Zero terminal SNR", info="rescale so that ᾱ at t = T−1 is 0")
         num_train_timesteps = CheckedSlider(10, 4000, value=1000, step=10, precision=0, label="Training steps T")
     plot = gr.Plot(_schedule_figure(list(SCHEDULE_BETAS), zero_snr=False, num_train_timesteps=1000),
                    label="Schedules", elem_id="noise-plot", elem_classes=["label-above"])
@@ -98,6 +111,65 @@ def noise_tab(served: ServedModel, examples: list[str], examples_dir: Path) -> N
     noise.click(noise_pixels, inputs=noise_inputs, outputs=pixels, api_name="noise_pixels")
     noise.click(noise_latents, inputs=noise_inputs, outputs=latents, api_name="noise_latents",
                 concurrency_limit=GENERATION_CONCURRENCY, concurrency_id="model")
+    return SamplerPaths(served)
+
+
+class SamplerPaths:
+    """The section "The sampler's path": the timesteps and σ's a sampler visits in N steps, over σ(t).
+
+    Drawn for the served model's scheduler config (SD 1.5's without a model), under each timestep
+    spacing and with Karras σ's (``inside_pictures.sampler_paths``); its endpoint is ``/sampler_paths``.
+    """
+
+    def __init__(self, served: ServedModel) -> None:
+        self.served = served
+        settings = recommended(served.pipe)
+        with gr.Column(elem_id="sampler-paths"):
+            gr.Markdown(
+                "### The sampler's path over the schedule\n"
+                "Where a sampler's N steps fall on the training schedule's σ(t), for each way of spacing them: "
+                "\"leading\" (DDPM, DDIM and SD 1.5's config), \"trailing\", \"linspace\" (the web UIs' Euler "
+                "and DPM++), and Karras σ's. With one step, only \"trailing\" starts from pure noise at t = 999; "
+                "the others start from an almost clean image, which is why one-step turbo models space \"trailing\"."
+            )
+            with gr.Row():
+                self.sampler = CheckedDropdown([(spec.label, name) for name, spec in SAMPLERS.items()],
+                                               value=settings.sampler, label="Sampler", elem_id="paths-sampler")
+                self.steps = CheckedSlider(1, MAX_PATH_STEPS, value=min(settings.steps, MAX_PATH_STEPS), step=1,
+                                           precision=0, label="Steps N", elem_id="paths-steps")
+            self.plot = gr.Plot(_sampler_path_figure(served.pipe, settings.sampler, settings.steps),
+                                label="Sampler paths", elem_id="paths-plot", elem_classes=["label-above"])
+
+        def sampler_paths_plot(sampler: str, steps: int) -> Figure:
+            return _sampler_path_figure(self.served.pipe, sampler, int(steps))
+
+        # The user's changes only (the model picker sets its own plot); a drag redraws at the last value.
+        gr.on([self.sampler.input, self.steps.input], sampler_paths_plot, inputs=[self.sampler, self.steps],
+              outputs=self.plot, api_name="sampler_paths", trigger_mode="always_last")
+
+    def updates(self, pipe: StableDiffusion | None) -> dict[gr.components.Component, Any]:
+        """What the section shows for ``pipe``: its recommended sampler and steps, on its schedule."""
+        settings = recommended(pipe)
+        steps = min(settings.steps, MAX_PATH_STEPS)
+        return {self.sampler: settings.sampler, self.steps: steps,
+                self.plot: _sampler_path_figure(pipe, settings.sampler, steps)}
+
+
+def _sampler_path_figure(pipe: StableDiffusion | None, sampler: str, steps: int) -> Figure:
+    """The paths of ``sampler`` in ``steps`` steps on the schedule of ``pipe`` (SD 1.5's without one)."""
+    if pipe is None:
+        config = schedules.SchedulerConfig.from_hub_config(json.loads(SD15_SCHEDULER.read_text()))
+        name = "SD 1.5 (no model is loaded)"
+    else:
+        config, name = pipe.scheduler, pipe.name
+    try:
+        paths = sampler_paths(config, sampler, steps)
+    except ValueError as error:
+        raise user_error(error) from None
+    spacing = config.timestep_spacing or "none named: each sampler's own default"
+    title = (f"{SAMPLERS[sampler].label}, {steps} step{'s' if steps > 1 else ''}, on the schedule of {name} "
+             f"(its spacing: {spacing})")
+    return sampler_path_figure(config, paths, title=title)
 
 
 def _betas(name: str, *, zero_snr: bool, num_train_timesteps: int) -> torch.Tensor:

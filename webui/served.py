@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from stable_diffusion.hub import load
+from stable_diffusion.inside import StepChoice
 from stable_diffusion.pipelines import CancelToken, Generation, StableDiffusion
 from stable_diffusion.request import GenerationRequest
 from stable_diffusion.samplers import StepCallback
@@ -66,12 +67,14 @@ class ServedModel:
 
     def generate(self, requests: Sequence[GenerationRequest], *, door: str, image: Image.Image | None = None,
                  mask: Image.Image | None = None, callback: StepCallback | None = None,
-                 cancel: CancelToken | None = None) -> list[Generation]:
+                 cancel: CancelToken | None = None, trajectory: StepChoice = 0, guidance_maps: StepChoice = 0,
+                 attention_maps: bool = False) -> list[Generation]:
         """Run ``requests`` one after the other in one turn of the model's queue, on the model served then.
 
-        ``door`` says who asked (for the log); ``image``, ``mask``, ``callback`` and ``cancel`` as for
-        ``StableDiffusion.generate``. An interrupt of the job (``queue.interrupt()``) stops it as
-        ``cancel`` does.
+        ``door`` says who asked (for the log); ``image``, ``mask``, ``callback``, ``cancel`` and the
+        observers of the inside (``trajectory``, ``guidance_maps``, ``attention_maps``: off by
+        default, the plain path) as for ``StableDiffusion.generate``. An interrupt of the job
+        (``queue.interrupt()``) stops it as ``cancel`` does.
         """
         name = "txt2img" if image is None else "img2img" if mask is None else "inpaint"
         with self.queue.turn(name, door=door, parts=len(requests), cancel=cancel) as job:
@@ -80,9 +83,9 @@ class ServedModel:
             for part, request in enumerate(requests):
                 job.part, job.step = part, 0
                 results.append(job.pipe.generate(request, image=image, mask=mask, callback=job.observe(callback),
-                                                 cancel=job.stop_when(cancel)))
+                                                 cancel=job.stop_when(cancel), trajectory=trajectory,
+                                                 guidance_maps=guidance_maps, attention_maps=attention_maps))
             return results
-
 
     def load(self, source: str, *, device: torch.device | str | None = None) -> StableDiffusion:
         """The model at ``source``, loaded as this server loads models (on ``device`` when given)."""

@@ -260,43 +260,19 @@ class StableDiffusion:
         return self
 
     # ---------------------------------------------------------------- the modes
-    def text_to_image(
-        self,
-        prompt: str,
-        negative_prompt: str = "",
-        *,
-        callback: StepCallback | None = None,
-        cancel: CancelToken | None = None,
-        trajectory: inside.StepChoice = 0,
-        guidance_maps: inside.StepChoice = 0,
-        attention_maps: bool = False,
-        **options: Any,
-    ) -> Generation:
+    def text_to_image(self, prompt: str, negative_prompt: str = "", **options: Any) -> Generation:
         """Generate images for ``prompt`` (an empty prompt samples p(x) unconditionally).
 
-        ``options`` are the fields of :class:`GenerationRequest` (width, height, steps,
-        guidance_scale, sampler, seed, num_images, clip_skip, guidance_rescale, decoder).
-        ``callback(step, total, x0_latents)`` runs after every step (see :meth:`preview`); a set
-        ``cancel`` token stops the run between steps. ``trajectory``, ``guidance_maps`` and
-        ``attention_maps`` record the inside of the run (see :meth:`generate`).
+        ``options``: the fields of :class:`GenerationRequest` (width, height, steps,
+        guidance_scale, sampler, seed, num_images, clip_skip, guidance_rescale, decoder), and
+        those of :meth:`generate`: ``callback(step, total, x0_latents)`` runs after every step (see
+        :meth:`preview`), a set ``cancel`` token stops the run between steps, and ``trajectory``,
+        ``guidance_maps`` and ``attention_maps`` record the inside of the run.
         """
-        request = GenerationRequest(prompt, negative_prompt, **options)
-        return self.generate(request, callback=callback, cancel=cancel, trajectory=trajectory,
-                             guidance_maps=guidance_maps, attention_maps=attention_maps)
+        request, run = _request_and_run_options(prompt, negative_prompt, options)
+        return self.generate(request, **run)
 
-    def image_to_image(
-        self,
-        image: Image.Image,
-        prompt: str,
-        negative_prompt: str = "",
-        *,
-        callback: StepCallback | None = None,
-        cancel: CancelToken | None = None,
-        trajectory: inside.StepChoice = 0,
-        guidance_maps: inside.StepChoice = 0,
-        attention_maps: bool = False,
-        **options: Any,
-    ) -> Generation:
+    def image_to_image(self, image: Image.Image, prompt: str, negative_prompt: str = "", **options: Any) -> Generation:
         """Redraw ``image`` following ``prompt`` (SDEdit, Meng et al. 2022).
 
         ``options`` as for :meth:`text_to_image`, plus ``strength`` (default 0.75): the image is
@@ -305,20 +281,11 @@ class StableDiffusion:
         accepted (transparency on white); without width and height it is resized to its aspect
         ratio at the model's native area.
         """
-        request = GenerationRequest(prompt, negative_prompt, **{"strength": 0.75, **options})
-        return self.generate(request, image=checked_image(image), callback=callback, cancel=cancel,
-                             trajectory=trajectory, guidance_maps=guidance_maps, attention_maps=attention_maps)
+        request, run = _request_and_run_options(prompt, negative_prompt, options, strength=0.75)
+        return self.generate(request, image=checked_image(image), **run)
 
     def inpaint(
-        self,
-        image: Image.Image,
-        mask: Image.Image,
-        prompt: str,
-        negative_prompt: str = "",
-        *,
-        callback: StepCallback | None = None,
-        cancel: CancelToken | None = None,
-        **options: Any,
+        self, image: Image.Image, mask: Image.Image, prompt: str, negative_prompt: str = "", **options: Any
     ) -> Generation:
         """Repaint ``image`` where ``mask`` is white, following ``prompt``; keep the rest.
 
@@ -327,9 +294,8 @@ class StableDiffusion:
         describes masks, blur and paste. An empty mask is an error; a full mask repaints everything.
         Without ``paste_back`` a seed gives diffusers' ``StableDiffusionInpaintPipeline``'s picture.
         """
-        request = GenerationRequest(prompt, negative_prompt, **{"strength": 1.0, "mask_blur": 0, **options})
-        return self.generate(request, image=checked_image(image), mask=as_pil(mask, what="mask"), callback=callback,
-                             cancel=cancel)
+        request, run = _request_and_run_options(prompt, negative_prompt, options, strength=1.0, mask_blur=0)
+        return self.generate(request, image=checked_image(image), mask=as_pil(mask, what="mask"), **run)
 
     def generate(
         self,
@@ -541,6 +507,19 @@ def _checked_plan(pipe: StableDiffusion, request: GenerationRequest, width: int,
             )
     strength = 1.0 if request.strength is None else request.strength
     return samplers.plan_sampling(pipe.scheduler, request.sampler, request.steps, strength=strength)
+
+
+# The keyword options of ``generate`` itself; the mode wrappers' other options are the request's.
+_RUN_OPTIONS = ("callback", "cancel", "trajectory", "guidance_maps", "attention_maps")
+
+
+def _request_and_run_options(
+    prompt: str, negative_prompt: str, options: dict[str, Any], **defaults: Any
+) -> tuple[GenerationRequest, dict[str, Any]]:
+    """A mode wrapper's options split: the request (``defaults`` under the caller's settings), and
+    the options of the run (``_RUN_OPTIONS``)."""
+    run = {key: options.pop(key) for key in _RUN_OPTIONS if key in options}
+    return GenerationRequest(prompt, negative_prompt, **{**defaults, **options}), run
 
 
 def _checked_inputs(

@@ -329,11 +329,6 @@ class StableDiffusion:
         generators: list[torch.Generator],
         on_step: StepCallback,
     ) -> torch.Tensor:
-        num_windows = max(len(self._windows(text)) for text in (request.prompt, request.negative_prompt))
-        cond, uncond = (
-            self.encode_prompt(text, clip_skip=request.clip_skip, num_windows=num_windows).float().expand(x.shape[0], -1, -1)
-            for text in (request.prompt, request.negative_prompt)
-        )
         alphas_cumprod = schedules.alphas_cumprod_from_config(self.scheduler)
         guidance_dim = self.unet.config.time_cond_proj_dim
         if guidance_dim is None:
@@ -344,6 +339,14 @@ class StableDiffusion:
             # w = guidance_scale - 1 and ignores the negative prompt.
             weight = torch.tensor([request.guidance_scale - 1.0])
             model, scale = self._model_fn(timestep_cond=guidance_scale_embedding(weight, guidance_dim)), 1.0
+        # Scale <= 1 runs only the conditional pass (denoisers.guided): the negative prompt is not encoded.
+        texts = (request.prompt, request.negative_prompt) if scale > 1 else (request.prompt,)
+        num_windows = max(len(self._windows(text)) for text in texts)
+        cond, *negative = (
+            self.encode_prompt(text, clip_skip=request.clip_skip, num_windows=num_windows).float().expand(x.shape[0], -1, -1)
+            for text in texts
+        )
+        uncond = negative[0] if negative else cond
         denoiser = denoisers.Denoiser(model, alphas_cumprod, self.scheduler.prediction_type)
         guided = denoisers.guided(denoiser, cond=cond, uncond=uncond, scale=scale, rescale=request.guidance_rescale)
         with torch.inference_mode():

@@ -18,6 +18,7 @@ Images must agree within 2/255 (``conftest.assert_same_picture``, which says why
 from __future__ import annotations
 
 import copy
+import fnmatch
 import json
 import shutil
 from pathlib import Path
@@ -25,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from diffusers import (
     AutoencoderKL,
     AutoencoderTiny,
@@ -37,6 +39,7 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from conftest import HUB_LAYOUTS, assert_same_picture, build_tiny_reference_pipeline
+from stable_diffusion import hub
 from stable_diffusion.hub import load
 from stable_diffusion.pipelines import StableDiffusion
 from stable_diffusion.taesd import TAESDConfig
@@ -90,6 +93,16 @@ def assert_matches(ours: StableDiffusion, reference, *, size: int, steps: int, g
     assert_same_picture(image, expected[0])
 
 
+def turbo_models(reference: StableDiffusionPipeline, taesd: AutoencoderTiny, folder: Path):
+    """Ours loaded from ``reference`` saved with SD-Turbo's scheduler file and ``taesd``; the reference
+    with ``EulerAncestralDiscreteScheduler.from_config(that file)``; ``taesd``."""
+    reference.scheduler = EulerAncestralDiscreteScheduler.from_config(TURBO_SCHEDULER)
+    taesd.save_pretrained(folder / "taesd")
+    ours = load(saved(reference, folder / "model", TURBO_SCHEDULER), device="cpu", dtype=torch.float32,
+                tiny_vae=folder / "taesd")
+    return ours, reference, taesd
+
+
 def components(pipe: StableDiffusionPipeline, **changes) -> dict:
     """The reference pipeline's parts, some replaced, without the LCM pipeline's extra keys."""
     keep = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
@@ -101,14 +114,9 @@ def components(pipe: StableDiffusionPipeline, **changes) -> dict:
 @pytest.fixture(scope="module")
 def turbo(tmp_path_factory: pytest.TempPathFactory) -> tuple[StableDiffusion, StableDiffusionPipeline, AutoencoderTiny]:
     """Tiny SD 2.x-shaped networks with SD-Turbo's scheduler file: ours, diffusers', and a tiny autoencoder."""
-    folder = tmp_path_factory.mktemp("tiny-sd-turbo")
     reference = build_tiny_reference_pipeline("sd2")
-    reference.scheduler = EulerAncestralDiscreteScheduler.from_config(TURBO_SCHEDULER)
     taesd = lively(AutoencoderTiny.from_config(TINY_TAESD.to_hub_config()))
-    taesd.save_pretrained(folder / "taesd")
-    ours = load(saved(reference, folder / "model", TURBO_SCHEDULER), device="cpu", dtype=torch.float32,
-                tiny_vae=folder / "taesd")
-    return ours, reference, taesd
+    return turbo_models(reference, taesd, tmp_path_factory.mktemp("tiny-sd-turbo"))
 
 
 @pytest.mark.parametrize("decoder", ["full", "tiny"])
@@ -166,6 +174,38 @@ def test_few_step_runs_one_unet_pass_per_step_and_one_prompt_encoding(turbo, gui
     assert text_batches == [1]
 
 
+# -------------------------------------------------------------------------- the Space's preloads
+def preloaded_files() -> dict[str, set[str]]:
+    """The README front matter's ``preload_from_hub``: repo id -> the files fetched at build time."""
+    front_matter = (Path(__file__).parents[1] / "README.md").read_text().split("---\n")[1]
+    entries = [entry.split() for entry in yaml.safe_load(front_matter)["preload_from_hub"]]
+    return {repo: set(files.split(",")) for repo, files in entries}
+
+
+@pytest.mark.parametrize(
+    ("repo", "layout"),
+    [("stable-diffusion-v1-5/stable-diffusion-v1-5", "stable-diffusion-v1-5"),
+     ("stabilityai/sd-turbo", "stable-diffusion-2-1-base")],  # SD-Turbo's repo has SD 2.1-base's layout
+)
+def test_the_space_preloads_what_load_reads(repo: str, layout: str) -> None:
+    """Every small file ``load`` fetches from the repo, and the weights it picks for float32 and bfloat16."""
+    files = preloaded_files()[repo]
+    layout_files = {str(path.relative_to(HUB_LAYOUTS / layout)) for path in (HUB_LAYOUTS / layout).rglob("*") if path.is_file()}
+    small = {file for file in layout_files if any(fnmatch.fnmatch(file, pattern) for pattern in hub._SMALL_FILES)}
+    assert small <= files
+    for dtype, suffix in ((torch.float32, ""), (torch.bfloat16, ".fp16")):
+        listed = files | {f"{sub}/{stem}{variant}.safetensors" for sub, stem, *_ in hub._COMPONENTS.values()
+                          for variant in ("", ".fp16")}  # the repo holds both; the loader must pick a preloaded one
+        for network, (sub, stem, *_) in hub._COMPONENTS.items():
+            chosen = hub._choose_weight_file(listed, network, dtype=dtype, variant=None, allow_pickle=False)
+            assert chosen == f"{sub}/{stem}{suffix}.safetensors" and chosen in files
+    assert all(file.endswith((".json", ".txt", ".safetensors")) for file in files)
+
+
+def test_the_space_preloads_the_tiny_autoencoder() -> None:
+    assert preloaded_files()[hub.DEFAULT_TINY_VAE] == set(hub._TINY_VAE_FILES)
+
+
 # ---------------------------------------------------------------------------- real shapes (slow)
 def full_size_reference(repo: str) -> StableDiffusionPipeline:
     """diffusers' pipeline built from ``repo``'s real network configs, with random weights."""
@@ -195,12 +235,7 @@ class TestFullSizeSDTurbo:
 
     @pytest.fixture(scope="class")
     def models(self, scratch: Path):
-        reference = full_size_reference("stable-diffusion-2-1-base")
-        taesd = lively(AutoencoderTiny())
-        taesd.save_pretrained(scratch / "taesd")
-        ours = load(saved(reference, scratch / "model", TURBO_SCHEDULER), device="cpu", dtype=torch.float32,
-                    tiny_vae=scratch / "taesd")
-        return ours, reference, taesd
+        return turbo_models(full_size_reference("stable-diffusion-2-1-base"), lively(AutoencoderTiny()), scratch)
 
     @pytest.mark.parametrize("decoder", ["full", "tiny"])
     @pytest.mark.parametrize("steps", [1, 4])

@@ -22,6 +22,8 @@ What runs (the models are built once by ``make_full_size.py``, random weights of
 
 bfloat16 is skipped where the probe found it emulated (no bf16 instructions): a 512² image would take
 tens of minutes. On a noisy machine read the ratios (same process, alternating), not the seconds.
+``--compile`` adds a run of SD-Turbo with our UNet compiled (``torch.compile`` with frozen weights,
+the opt-in recipe of benchmarks/README.md); its first, untimed image includes the compilation.
 """
 
 from __future__ import annotations
@@ -57,11 +59,16 @@ CASES = {"sd-turbo": ("sd-turbo", 1, 0.0, "euler_a"), "lcm": ("lcm", 4, 8.0, "lc
 class Ours:
     name = "ours"
 
-    def __init__(self, case: str, *, dtype) -> None:
+    def __init__(self, case: str, *, dtype, compile_unet: bool = False) -> None:
         import stable_diffusion
+        import torch
 
         model, self.steps, self.guidance, self.sampler = CASES[case]
         self.pipe = stable_diffusion.load(default_out(model), device="cpu", dtype=dtype, tiny_vae=default_out("taesd"))
+        if compile_unet:
+            # The opt-in recipe of benchmarks/README.md: inductor with the weights frozen into the
+            # graph (compiled at the first image, again for every new shape or thread count).
+            self.pipe.unet = torch.compile(self.pipe.unet, options={"freezing": True})
 
     def image(self, size: int):
         return self.pipe.text_to_image(PROMPT, width=size, height=size, steps=self.steps, guidance_scale=self.guidance,
@@ -116,18 +123,18 @@ def _timed(fn: Callable[[], Any]) -> tuple[float, float, Any]:
     return time.perf_counter() - wall, time.process_time() - cpu, out
 
 
-def child_images(case: str, dtype_name: str, *, size: int, reps: int) -> dict[str, Any]:
+def child_images(case: str, dtype_name: str, *, size: int, reps: int, compile_unet: bool) -> dict[str, Any]:
     """One process, both pipelines, whole images alternating; then ours' parts."""
     import numpy as np
     import torch
 
     torch.set_num_threads(_threads())
     dtype = getattr(torch, dtype_name)
-    models = [Ours(case, dtype=dtype), Diffusers(case, dtype=dtype)]
+    models = [Ours(case, dtype=dtype, compile_unet=compile_unet), Diffusers(case, dtype=dtype)]
     times: dict[str, dict[str, list[float]]] = {m.name: {"wall_s": [], "cpu_s": []} for m in models}
-    images = {}
-    for model in models:  # untimed: touches every weight, lets oneDNN build its kernels
-        images[model.name] = model.image(size)
+    images, first_image_s = {}, {}
+    for model in models:  # untimed: touches every weight, lets oneDNN build its kernels (and compiles)
+        first_image_s[model.name], _, images[model.name] = _timed(lambda: model.image(size))
     for rep in range(reps):
         for model in models if rep % 2 == 0 else reversed(models):
             wall, cpu, images[model.name] = _timed(lambda: model.image(size))
@@ -140,7 +147,8 @@ def child_images(case: str, dtype_name: str, *, size: int, reps: int) -> dict[st
         for part, call in models[0].parts(size).items():
             call()
             parts[part] = [_timed(call)[0] for _ in range(reps)]
-    return {"times": times, "parts_wall_s": parts, "max_pixel_diff": int(np.abs(ours - theirs).max())}
+    return {"times": times, "first_image_s": first_image_s, "parts_wall_s": parts,
+            "max_pixel_diff": int(np.abs(ours - theirs).max())}
 
 
 def child_probe() -> dict[str, Any]:
@@ -205,12 +213,13 @@ def ensure_models() -> None:
 def summarize(runs: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for key, run in runs.items():
-        case, dtype = key.split("/")
+        case, dtype, *compiled = key.split("/")
         medians = {name: {metric: statistics.median(values) for metric, values in by_metric.items()}
                    for name, by_metric in run["times"].items()}
         ours, theirs = medians["ours"], medians["diffusers"]
         rows.append({
-            "case": case, "dtype": dtype, "n": len(run["times"]["ours"]["wall_s"]),
+            "case": case, "dtype": dtype, "compiled": bool(compiled), "n": len(run["times"]["ours"]["wall_s"]),
+            "first_image_s": run["first_image_s"],
             "ours_s": ours["wall_s"], "diffusers_s": theirs["wall_s"], "ratio": ours["wall_s"] / theirs["wall_s"],
             "ours_cpu_s": ours["cpu_s"], "diffusers_cpu_s": theirs["cpu_s"],
             "cpu_ratio": ours["cpu_s"] / theirs["cpu_s"], "max_pixel_diff": run["max_pixel_diff"],
@@ -233,15 +242,17 @@ def markdown(rows: list[dict[str, Any]], probe: dict[str, Any], description: dic
         f"cached answer {1e3 * probe['cached_s']:.1f} ms.",
         "",
         f"Time to a {size}² image, prompt encoding included, tiny decoder (TAESD); medians of {settings['reps']} "
-        "alternating runs in one process; CPU = the process's CPU time.",
+        f"({settings['lcm_reps']} for LCM) alternating runs in one process, after one untimed image each; CPU = the "
+        "process's CPU time.",
         "",
         "| case | dtype | ours | diffusers | ours / diffusers | ours CPU | diffusers CPU | CPU ratio | max pixel diff |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         default = " (default)" if row["dtype"] == probe["dtype"] else ""
+        compiled = f", ours compiled ({row['first_image_s']['ours']:.0f} s)" if row["compiled"] else ""
         lines.append(
-            f"| {CASE_LABELS[row['case']]} | {row['dtype']}{default} | {row['ours_s']:.2f} s | {row['diffusers_s']:.2f} s | "
+            f"| {CASE_LABELS[row['case']]}{compiled} | {row['dtype']}{default} | {row['ours_s']:.2f} s | {row['diffusers_s']:.2f} s | "
             f"{row['ratio']:.2f} | {row['ours_cpu_s']:.2f} s | {row['diffusers_cpu_s']:.2f} s | {row['cpu_ratio']:.2f} | "
             f"{row['max_pixel_diff']} |"
         )
@@ -249,7 +260,8 @@ def markdown(rows: list[dict[str, Any]], probe: dict[str, Any], description: dic
     lines += ["", "Ours, part by part (medians, wall):", "", "| case | dtype | " + " | ".join(parts) + " |",
               "|---|---|" + "---:|" * len(parts)]
     for row in rows:
-        lines.append(f"| {CASE_LABELS[row['case']]} | {row['dtype']} | "
+        compiled = ", compiled" if row["compiled"] else ""
+        lines.append(f"| {CASE_LABELS[row['case']]}{compiled} | {row['dtype']} | "
                      + " | ".join(f"{row['parts_s'][part]:.2f} s" for part in parts) + " |")
     return "\n".join(lines) + "\n"
 
@@ -261,32 +273,39 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--reps", type=int, default=5, help="timed images per implementation")
+    parser.add_argument("--lcm-reps", type=int, default=3, help="the same for the 4-step LCM case")
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
     parser.add_argument("--dtypes", nargs="+", help="default: float32, and bfloat16 unless emulated")
+    parser.add_argument("--compile", action="store_true",
+                        help="also run SD-Turbo with our UNet compiled (torch.compile, frozen weights; minutes to compile)")
     parser.add_argument("--quick", action="store_true", help="smoke test: 128², one repetition")
     parser.add_argument("--out", type=Path, default=RESULTS / "fewstep", help="writes OUT.json and OUT.md")
     parser.add_argument("--child", choices=["images", "probe"], help=argparse.SUPPRESS)
     parser.add_argument("--case", choices=list(CASES), help=argparse.SUPPRESS)
     parser.add_argument("--dtype", help=argparse.SUPPRESS)
+    parser.add_argument("--compiled", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
-        args.size, args.reps = 128, 1
+        args.size, args.reps, args.lcm_reps = 128, 1, 1
     if args.child == "probe":
         print(json.dumps(child_probe()))
         return
     if args.child == "images":
-        print(json.dumps(child_images(args.case, args.dtype, size=args.size, reps=args.reps)))
+        print(json.dumps(child_images(args.case, args.dtype, size=args.size, reps=args.reps, compile_unet=args.compiled)))
         return
     start, load_before = time.perf_counter(), load_average()
     ensure_models()
     probe = measure_probe()
     _log(f"probe: {probe}")
+    plan = [(case, dtype, False) for case in args.cases for dtype in args.dtypes or precisions(probe)]
+    if args.compile:
+        plan.append(("sd-turbo", probe["dtype"], True))
     runs = {}
-    for case in args.cases:
-        for dtype in args.dtypes or precisions(probe):
-            runs[f"{case}/{dtype}"] = _child(["--child", "images", "--case", case, "--dtype", dtype,
-                                              "--size", str(args.size), "--reps", str(args.reps)])
-    settings = {"size": args.size, "reps": args.reps, "load_before": load_before, "load_after": load_average(),
+    for case, dtype, compiled in plan:
+        reps = args.lcm_reps if case == "lcm" else args.reps
+        command = ["--child", "images", "--case", case, "--dtype", dtype, "--size", str(args.size), "--reps", str(reps)]
+        runs[f"{case}/{dtype}" + ("/compiled" if compiled else "")] = _child(command + ["--compiled"] * compiled)
+    settings = {"size": args.size, "reps": args.reps, "lcm_reps": args.lcm_reps, "load_before": load_before, "load_after": load_average(),
                 "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "wall_s": time.perf_counter() - start}
     description = {**machine(), "threads": _threads()}
     rows = summarize(runs)

@@ -72,8 +72,8 @@ def with_lcm_unet(pipe: StableDiffusionPipeline, *, time_cond_proj_dim: int) -> 
     state = unet.state_dict()
     state.update(pipe.unet.state_dict())  # every weight but the new guidance projection (random)
     unet.load_state_dict(state)
-    components = {**pipe.components, "unet": unet.eval(), "scheduler": LCMScheduler.from_config(LCM_SCHEDULER)}
-    return LatentConsistencyModelPipeline(**components)
+    parts = {**pipe.components, "unet": unet.eval(), "scheduler": LCMScheduler.from_config(LCM_SCHEDULER)}
+    return LatentConsistencyModelPipeline(**parts)
 
 
 def reference_images(pipe, *, size: int, steps: int, guidance_scale: float, seed: int) -> np.ndarray:

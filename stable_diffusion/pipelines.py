@@ -428,12 +428,18 @@ class StableDiffusion:
         on_step: StepCallback,
         observer: inside.Observer | None = None,
     ) -> torch.Tensor:
-        num_windows = max(len(self._windows(text)) for text in (request.prompt, request.negative_prompt))
-        cond, uncond = (
+        timestep_cond, scale = _guidance_inputs(self, request)
+        # A scale <= 1 runs only the conditional pass (denoisers.guided): the negative prompt is not encoded.
+        texts = (request.prompt, request.negative_prompt) if scale > 1 else (request.prompt,)
+        num_windows = max(len(self._windows(text)) for text in texts)
+        cond, *negative = (
             self.encode_prompt(text, clip_skip=request.clip_skip, num_windows=num_windows).float().expand(len(generators), -1, -1)
-            for text in (request.prompt, request.negative_prompt)
+            for text in texts
         )
-        guided = _guided_denoiser(self, request, cond, uncond, start)
+        model = start.model(_unet_function(self, timestep_cond))
+        denoiser = denoisers.Denoiser(model, schedules.alphas_cumprod_from_config(self.scheduler), self.scheduler.prediction_type)
+        guided = denoisers.guided(denoiser, cond=cond, uncond=negative[0] if negative else cond, scale=scale,
+                                  rescale=request.guidance_rescale)
         with torch.inference_mode():
             if observer is None:
                 latents = samplers.run(plan, start.denoiser(guided, plan), start.latents, generator=generators,
@@ -566,22 +572,16 @@ def _latent_shape(pipe: StableDiffusion, batch: int, width: int, height: int) ->
     return batch, pipe.vae.config.latent_channels, height // factor, width // factor
 
 
-def _guided_denoiser(
-    pipe: StableDiffusion, request: GenerationRequest, cond: torch.Tensor, uncond: torch.Tensor, start: _Start
-) -> denoisers.GuidedDenoiser:
-    """The UNet as D(x̃; σ) with the prompts bound and the request's guidance."""
-    alphas_cumprod = schedules.alphas_cumprod_from_config(pipe.scheduler)
+def _guidance_inputs(pipe: StableDiffusion, request: GenerationRequest) -> tuple[torch.Tensor | None, float]:
+    """The UNet's guidance embedding (or None) and the scale of classifier-free guidance."""
     guidance_dim = pipe.unet.config.time_cond_proj_dim
-    timestep_cond, scale = None, request.guidance_scale
-    if guidance_dim is not None:
-        # A guidance-distilled UNet (LCM, Luo et al. 2023, §4.2) takes the guidance weight as an
-        # input beside the timestep and needs no guidance batch; diffusers' LCM pipeline feeds
-        # w = guidance_scale - 1 and ignores the negative prompt.
-        weight = torch.tensor([request.guidance_scale - 1.0])
-        timestep_cond, scale = guidance_scale_embedding(weight, guidance_dim), 1.0
-    model = start.model(_unet_function(pipe, timestep_cond))
-    denoiser = denoisers.Denoiser(model, alphas_cumprod, pipe.scheduler.prediction_type)
-    return denoisers.guided(denoiser, cond=cond, uncond=uncond, scale=scale, rescale=request.guidance_rescale)
+    if guidance_dim is None:
+        return None, request.guidance_scale
+    # A guidance-distilled UNet (LCM, Luo et al. 2023, §4.2) takes the guidance weight as an input
+    # beside the timestep and needs no guidance batch; diffusers' LCM pipeline feeds
+    # w = guidance_scale - 1 and ignores the negative prompt.
+    weight = torch.tensor([request.guidance_scale - 1.0])
+    return guidance_scale_embedding(weight, guidance_dim), 1.0
 
 
 def _unet_function(pipe: StableDiffusion, timestep_cond: torch.Tensor | None) -> Callable[..., torch.Tensor]:

@@ -2,7 +2,7 @@
 
 The "Done when" check of the app's few-step defaults: SD-Turbo's networks (SD 2.1-base's shapes,
 random weights, from the real configs in tests/fixtures) with SD-Turbo's own scheduler file, and a
-random TAESD of the real shape, are written once under benchmarks/cache/ (git-ignored, 5.2 GB).
+random TAESD of the real shape, written once under benchmarks/cache/ by make_full_size.py (5.2 GB).
 The script starts ``app.py`` on a tiny model with ``--tiny-vae`` pointing at that TAESD, picks the
 SD-Turbo folder with the picker's ``/load_model``, then times 512x512 images through
 ``gradio_client`` at the defaults the page offers after the switch (1 step, guidance 0, Euler a,
@@ -16,10 +16,8 @@ The app runs with the CPU's default precision, as a visitor's server would.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import shutil
 import sys
 import tempfile
 import time
@@ -28,65 +26,12 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
+from make_full_size import default_out, make_full_size  # noqa: E402
 from PIL import Image  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-from transformers import CLIPTokenizer  # noqa: E402
 
-from stable_diffusion.clip import CLIPTextConfig, CLIPTextModel  # noqa: E402
-from stable_diffusion.hub import save  # noqa: E402
-from stable_diffusion.pipelines import StableDiffusion  # noqa: E402
-from stable_diffusion.schedules import SchedulerConfig  # noqa: E402
-from stable_diffusion.taesd import TAESDConfig, TinyAutoencoder  # noqa: E402
-from stable_diffusion.unet import UNet, UNetConfig  # noqa: E402
-from stable_diffusion.vae import AutoencoderKL, VAEConfig  # noqa: E402
-from stable_diffusion.weights import ours_to_hub  # noqa: E402
 from webui.models import FEW_STEP  # noqa: E402
-
-HUB_LAYOUTS = ROOT / "tests" / "fixtures" / "hub-layouts"
-CACHE = ROOT / "benchmarks" / "cache"
-SCHEDULER_FILE = "scheduler/scheduler_config.json"
-
-
-def _config(network: str) -> dict:
-    return json.loads((HUB_LAYOUTS / "stable-diffusion-2-1-base" / network / "config.json").read_text())
-
-
-def make_sd_turbo(out: Path) -> Path:
-    """SD-Turbo's shapes with random weights in the diffusers layout, unless ``out`` holds it already."""
-    if (out / "model_index.json").is_file():
-        return out
-    torch.manual_seed(0)
-    pipe = StableDiffusion(
-        text_encoder=CLIPTextModel(CLIPTextConfig.from_hub_config(_config("text_encoder"))).eval(),
-        unet=UNet(UNetConfig.from_hub_config(_config("unet"))).eval(),
-        vae=AutoencoderKL(VAEConfig.from_hub_config(_config("vae"))).eval(),
-        tokenizer=CLIPTokenizer.from_pretrained(HUB_LAYOUTS / "stable-diffusion-2-1-base" / "tokenizer"),
-        scheduler=SchedulerConfig(),
-        name="sd-turbo-random",
-    )
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    save(pipe, partial)
-    # SD-Turbo's own scheduler file (Euler, trailing spacing), byte for byte.
-    shutil.copyfile(HUB_LAYOUTS / "sd-turbo" / SCHEDULER_FILE, partial / SCHEDULER_FILE)
-    partial.rename(out)
-    return out
-
-
-def make_taesd(out: Path) -> Path:
-    """madebyollin/taesd's shape with random weights, in diffusers' AutoencoderTiny layout."""
-    if (out / "config.json").is_file():
-        return out
-    torch.manual_seed(0)
-    config = TAESDConfig.sd()
-    tiny = TinyAutoencoder(config).eval()
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {name: t.contiguous() for name, t in ours_to_hub("taesd", tiny.state_dict()).items()}
-    save_file(tensors, out / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(config.to_hub_config(), indent=2) + "\n")
-    return out
 
 
 def machine() -> str:
@@ -143,8 +88,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="images to time after the switch")
     args = parser.parse_args()
     start = time.perf_counter()
-    turbo = make_sd_turbo(CACHE / "sd-turbo-shaped-random")
-    taesd = make_taesd(CACHE / "taesd-shaped-random")
+    turbo = make_full_size(default_out("sd-turbo"), model="sd-turbo")
+    taesd = make_full_size(default_out("taesd"), model="taesd")
     print(f"models ready in {time.perf_counter() - start:.0f} s")
     print(f"machine: {machine()}")
     time_app(turbo, taesd, repeats=args.repeats)

@@ -168,7 +168,7 @@ def sampler_path_figure(config: SchedulerConfig, paths: Sequence[SamplerPath], *
     on_curve.set_xlabel("timestep t")
     on_curve.set_title("the steps on the training schedule")
     by_step.set_xlabel("step")
-    by_step.xaxis.set_major_locator(MaxNLocator(integer=True))
+    by_step.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     by_step.set_xlim(0.5, max(len(path.sigmas) for path in paths) + 0.5)  # whole steps, even for one
     by_step.set_title("σ at each step")
     if title:

@@ -323,6 +323,17 @@ def test_sampler_path_figure(sd15_scheduler):
         inside_pictures.sampler_paths(config, "nope", 4)
 
 
+@pytest.mark.parametrize("steps", [1, 2, 10])
+def test_sampler_path_figure_counts_whole_steps(sd15_scheduler, steps: int):
+    config = SchedulerConfig.from_hub_config(sd15_scheduler)
+    figure = inside_pictures.sampler_path_figure(config, inside_pictures.sampler_paths(config, "euler", steps))
+    by_step = figure.axes[1]
+    low, high = by_step.get_xlim()
+    shown = [tick for tick in by_step.get_xticks() if low <= tick <= high]
+    assert shown and all(float(tick).is_integer() for tick in shown), shown
+    assert 1 in shown
+
+
 def test_grid_of_every_unet_level():
     assert inside._grid_of(24 * 16, 16, 24) == (16, 24)
     assert inside._grid_of(12 * 8, 16, 24) == (8, 12)

@@ -433,11 +433,13 @@ class StableDiffusion:
         texts = (request.prompt, request.negative_prompt) if scale > 1 else (request.prompt,)
         num_windows = max(len(self._windows(text)) for text in texts)
         cond, *negative = (
-            self.encode_prompt(text, clip_skip=request.clip_skip, num_windows=num_windows).float().expand(len(generators), -1, -1)
+            self.encode_prompt(text, clip_skip=request.clip_skip, num_windows=num_windows).float()
+            .expand(len(generators), -1, -1)
             for text in texts
         )
+        alphas_cumprod = schedules.alphas_cumprod_from_config(self.scheduler)
         model = start.model(_unet_function(self, timestep_cond))
-        denoiser = denoisers.Denoiser(model, schedules.alphas_cumprod_from_config(self.scheduler), self.scheduler.prediction_type)
+        denoiser = denoisers.Denoiser(model, alphas_cumprod, self.scheduler.prediction_type)
         guided = denoisers.guided(denoiser, cond=cond, uncond=negative[0] if negative else cond, scale=scale,
                                   rescale=request.guidance_rescale)
         with torch.inference_mode():

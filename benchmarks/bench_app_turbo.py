@@ -17,27 +17,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
 from make_full_size import default_out, make_full_size  # noqa: E402
+from run import machine  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from webui.models import FEW_STEP  # noqa: E402
-
-
-def machine() -> str:
-    name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")), platform.processor())
-    return f"{name}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
 def time_app(turbo: Path, taesd: Path, *, repeats: int) -> None:
@@ -91,7 +83,8 @@ def main() -> None:
     turbo = make_full_size(default_out("sd-turbo"), model="sd-turbo")
     taesd = make_full_size(default_out("taesd"), model="taesd")
     print(f"models ready in {time.perf_counter() - start:.0f} s")
-    print(f"machine: {machine()}")
+    description = machine()
+    print(f"machine: {description['cpu']}, {description['cpu_cores']} cores, torch {description['torch']}")
     time_app(turbo, taesd, repeats=args.repeats)
 
 

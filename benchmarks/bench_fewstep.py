@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from make_full_size import default_out  # noqa: E402
-from run import machine  # noqa: E402
+from run import _log, _threads, machine, run_child  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 PROMPT = "a cinematic photo of a red fox in the snow, golden hour"
@@ -166,18 +166,8 @@ def child_probe() -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------- parent
-def _threads() -> int:
-    return int(os.environ.get("BENCH_THREADS", "2"))
-
-
-def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def _child(args: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Runs this script with ``args`` (its stderr shows through) and returns the JSON it prints last."""
-    process = subprocess.run([sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True, check=True, env=env)
-    return json.loads(process.stdout.splitlines()[-1])
+    return run_child(__file__, args, env)
 
 
 def load_average() -> list[float]:

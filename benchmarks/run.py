@@ -261,10 +261,14 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _child(args: list[str]) -> dict[str, Any]:
-    command = [sys.executable, __file__, *args]
-    process = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)  # its stderr shows through
+def run_child(script: str, args: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Runs ``script`` with ``args`` in a fresh process (its stderr shows through); the JSON it prints last."""
+    process = subprocess.run([sys.executable, script, *args], stdout=subprocess.PIPE, text=True, check=True, env=env)
     return json.loads(process.stdout.splitlines()[-1])
+
+
+def _child(args: list[str]) -> dict[str, Any]:
+    return run_child(__file__, args)
 
 
 def machine() -> dict[str, Any]:

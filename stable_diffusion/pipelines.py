@@ -321,8 +321,6 @@ class StableDiffusion:
         """
         image = None if image is None else checked_image(image)
         request = _checked_inputs(self, request, image, mask)
-        if image is None and request.strength is not None:
-            raise InvalidSetting("strength", "applies to image-to-image only: give an image, or leave strength out.")
         width, height = _request_size(self, request, image)
         plan = _checked_plan(self, request, width, height)
         mode = _mode(self, request, image, mask, width, height)
@@ -547,6 +545,8 @@ def _checked_inputs(
         if request.mask_blur is not None or request.paste_back:
             setting = "mask_blur" if request.mask_blur is not None else "paste_back"
             raise InvalidSetting(setting, "applies to inpainting only: give a mask, or leave it out.")
+        if image is None and request.strength is not None:
+            raise InvalidSetting("strength", "applies to image-to-image only: give an image, or leave strength out.")
         return request
     if image is None:
         raise ValueError("A mask needs the image it masks: give the image as well.")

@@ -245,6 +245,7 @@ class Observer:
         self.capture: AttentionCapture | None = None
         self._input: tuple[torch.Tensor, float] | None = None
         self._difference: torch.Tensor | None = None
+        self._step = 0  # the step the denoiser's calls belong to, until the sampler reports it
         self._trajectory: list[_Recorded] = []
         self._guidance: list[tuple[int, torch.Tensor]] = []
 
@@ -279,7 +280,8 @@ class Observer:
             return samplers.run(self.plan, watched, x, generator=generator, callback=on_step)
 
     def _observe_guidance(self, sigma: float, eps_uncond: torch.Tensor, eps_cond: torch.Tensor) -> None:
-        self._difference = (eps_cond - eps_uncond).abs().mean(dim=1, keepdim=True)
+        if self._step in self.guidance_steps:  # the other steps' maps would be thrown away
+            self._difference = (eps_cond - eps_uncond).abs().mean(dim=1, keepdim=True)
 
     def _record(self, step: int, x0_hat: torch.Tensor) -> None:
         x, sigma = self._input
@@ -289,6 +291,7 @@ class Observer:
         if step in self.guidance_steps and self._difference is not None:
             self._guidance.append((step, self._difference))
         self._difference = None
+        self._step = step + 1
 
     def views(self, preview: Callable[[torch.Tensor], list[Image.Image]], size: tuple[int, int]) -> dict[str, list]:
         """The ``Generation`` fields of what was recorded, with images of ``size`` = (width, height)."""

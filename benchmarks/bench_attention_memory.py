@@ -20,24 +20,20 @@ import argparse
 import contextlib
 import json
 import platform
-import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+from run import peak_rss_mib, run_child  # noqa: E402
 
 VARIANTS = {
     "plain": {},
     "attention maps": {"attention_maps": True},
     "all three views": {"attention_maps": True, "trajectory": 100, "guidance_maps": 100},
 }
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
 
 
 def child(variant: str, folder: Path, steps: int) -> dict[str, float]:
@@ -149,6 +145,8 @@ def main() -> None:
 
     import torch
 
+    from stable_diffusion import devices
+
     make_full_size(args.folder)
     for file in args.folder.rglob("*.safetensors"):  # a warm page cache for every run
         with open(file, "rb") as f:
@@ -157,15 +155,11 @@ def main() -> None:
     results: dict[str, list[dict]] = {variant: [] for variant in VARIANTS}
     for _ in range(args.repeat):
         for variant in VARIANTS:
-            command = [sys.executable, __file__, "--child", variant, "--folder", str(args.folder), "--steps", str(args.steps)]
-            output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-            results[variant].append(json.loads(output.splitlines()[-1]))
+            results[variant].append(run_child(__file__, ["--child", variant, "--folder", str(args.folder),
+                                                         "--steps", str(args.steps)]))
             print(variant, results[variant][-1], flush=True)
-    command = [sys.executable, __file__, "--child", "timing", "--folder", str(args.folder)]
-    unet = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
-    with open("/proc/cpuinfo") as cpuinfo:
-        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), platform.processor())
-    settings = {"machine": f"{cpu}, {torch.get_num_threads()} threads", "torch": torch.__version__,
+    unet = run_child(__file__, ["--child", "timing", "--folder", str(args.folder)])
+    settings = {"machine": f"{devices.cpu_name()}, {torch.get_num_threads()} threads", "torch": torch.__version__,
                 "python": platform.python_version(), "steps": args.steps, "repeat": args.repeat,
                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     table = markdown(settings, results, unet)

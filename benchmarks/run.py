@@ -277,14 +277,8 @@ def machine() -> dict[str, Any]:
 
     from stable_diffusion import devices
 
-    cpu = platform.processor()
-    with open("/proc/cpuinfo") as info:
-        for line in info:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
     description = {
-        "cpu": cpu,
+        "cpu": devices.cpu_name(),
         "cpu_cores": os.cpu_count(),
         "threads": _threads(),
         "avx512_bf16": bool(torch.cpu._is_avx512_bf16_supported()),

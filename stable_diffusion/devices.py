@@ -103,7 +103,8 @@ def faster_dtype(timings: dict[str, float]) -> torch.dtype:
     return torch.bfloat16 if timings["bfloat16"] * BF16_MIN_SPEEDUP <= timings["float32"] else torch.float32
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name, as /proc/cpuinfo gives it (else what platform knows)."""
     try:
         with open("/proc/cpuinfo") as info:
             for line in info:
@@ -116,7 +117,7 @@ def _cpu_name() -> str:
 
 def machine_key() -> str:
     """What the probe's answer depends on: the CPU model, torch's version and the thread count."""
-    return f"{_cpu_name()} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+    return f"{cpu_name()} | torch {torch.__version__} | {torch.get_num_threads()} threads"
 
 
 def probe_cache_file() -> Path:

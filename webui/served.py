@@ -11,7 +11,6 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from stable_diffusion.hub import load
 from stable_diffusion.inside import StepChoice
 from stable_diffusion.pipelines import CancelToken, Generation, StableDiffusion
 from stable_diffusion.request import GenerationRequest
@@ -61,10 +60,6 @@ class ServedModel:
             raise RequestError(f"No model is loaded, so this server cannot generate images. {self.notice}")
         return self.pipe
 
-    @property
-    def is_tiny_shapes(self) -> bool:
-        return is_tiny_shapes(self.pipe)
-
     def generate(self, requests: Sequence[GenerationRequest], *, door: str, image: Image.Image | None = None,
                  mask: Image.Image | None = None, callback: StepCallback | None = None,
                  cancel: CancelToken | None = None, trajectory: StepChoice = 0, guidance_maps: StepChoice = 0,
@@ -89,11 +84,10 @@ class ServedModel:
 
     def load(self, source: str, *, device: torch.device | str | None = None) -> StableDiffusion:
         """The model at ``source``, loaded as this server loads models (on ``device`` when given)."""
-        if self.loader is not None:
-            return self.loader(source, device=device)
-        old = self.pipe
-        return load(source, device=device or (None if old is None else old.device),
-                    dtype=None if old is None else old.dtype)
+        if self.loader is None:
+            # The served model's own device cannot stand in: a switch has moved it to "meta" by then.
+            raise RuntimeError("This server was started without a model loader (models.ModelLoader), so it cannot load models.")
+        return self.loader(source, device=device)
 
 
 def is_tiny_shapes(pipe: StableDiffusion | None) -> bool:

@@ -132,6 +132,8 @@ class _WebUIApi:
         self.sources = [source for source in (served.source, *checkpoints) if source is not None]
         # Worker threads of this API's own: requests waiting for the model never hold the server's.
         self.limiter = anyio.CapacityLimiter(MAX_WAITING + 1)
+        # The last preview sent, with the latents it shows: clients poll faster than steps go.
+        self._preview: tuple[torch.Tensor, str] | None = None
 
     # ---------------------------------------------------------------- generation
     async def txt2img(self, request: Request) -> dict[str, Any]:
@@ -227,7 +229,10 @@ class _WebUIApi:
         pipe, x0_latents = job.pipe, job.x0_latents
         current_image = None
         if not skip_current_image and pipe is not None and x0_latents is not None:
-            current_image = await anyio.to_thread.run_sync(lambda: encode_png(grid(pipe.preview(x0_latents))))
+            if self._preview is None or self._preview[0] is not x0_latents:
+                png = await anyio.to_thread.run_sync(lambda: encode_png(grid(pipe.preview(x0_latents))))
+                self._preview = (x0_latents, png)
+            current_image = self._preview[1]
         return {"progress": job.progress, "eta_relative": job.eta_s, "state": state, "current_image": current_image,
                 "textinfo": f"{waiting} more waiting" if waiting else None}
 

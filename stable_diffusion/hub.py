@@ -62,7 +62,7 @@ from .unet import UNet, UNetConfig
 from .vae import AutoencoderKL, VAEConfig
 from .weights import build_on_meta, hub_to_ours, load_into, ours_to_hub, taesd_original_to_hub
 
-__all__ = ["DEFAULT_MODEL", "DEFAULT_TINY_VAE", "ModelLoadError", "load", "load_tiny_vae", "save"]
+__all__ = ["DEFAULT_MODEL", "DEFAULT_TINY_VAE", "ModelLoadError", "load", "load_tiny_vae", "model_name", "save"]
 
 logger = logging.getLogger(__name__)
 
@@ -133,10 +133,10 @@ def load(
     name = os.fspath(source)
     path = Path(name).expanduser()
     if path.is_file():
-        pipe = _shown_as(_load_single_file(path, name=name, allow_pickle=allow_pickle, **options), path.stem)
+        pipe = _shown_as(_load_single_file(path, name=name, allow_pickle=allow_pickle, **options), model_name(path))
     elif path.is_dir():
         pipe = _load_folder(path, name=name, variant=variant, allow_pickle=allow_pickle, **options)
-        pipe = _shown_as(pipe, path.resolve().name)
+        pipe = _shown_as(pipe, model_name(path))
     elif _looks_like_path(name):
         raise ModelLoadError(
             f"There is no file or folder at {path.resolve()}. Pass an existing diffusers folder or a single "
@@ -163,6 +163,15 @@ def _device_and_dtype(device: torch.device | str | None, dtype: torch.dtype | No
     if not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating-point type such as torch.float32, got {dtype}")
     return device, dtype
+
+
+def model_name(source: str | os.PathLike) -> str:
+    """The name the model at ``source`` goes by once loaded (a revision aside): a file's stem, a
+    folder's name, or the Hub repo id. Local names keep this machine's paths private."""
+    path = Path(os.fspath(source)).expanduser()
+    if path.is_file():
+        return path.stem
+    return path.resolve().name if path.is_dir() else os.fspath(source)
 
 
 def _shown_as(pipe: StableDiffusion, name: str) -> StableDiffusion:

@@ -22,7 +22,7 @@ import gradio as gr
 import torch
 from gradio.components import Component
 
-from stable_diffusion.hub import DEFAULT_MODEL, DEFAULT_TINY_VAE, load
+from stable_diffusion.hub import DEFAULT_MODEL, DEFAULT_TINY_VAE, load, model_name
 from stable_diffusion.lora import available_loras
 from stable_diffusion.pipelines import StableDiffusion
 
@@ -83,12 +83,8 @@ def default_source(device: torch.device) -> str:
 
 
 def model_title(source: str) -> str:
-    """The name a model goes by on the page and in the REST API, as ``hub.load`` names it: a file's
-    stem, a folder's name, or the Hub repo id. Titles keep this machine's paths private."""
-    path = Path(source).expanduser()
-    if path.is_file():
-        return path.stem
-    return path.resolve().name if path.is_dir() else source
+    """The name a model goes by on the page and in the REST API: the name ``hub.load`` gives it."""
+    return model_name(source)
 
 
 @dataclass(frozen=True)

@@ -410,11 +410,21 @@ class StableDiffusion:
 
     def preview(self, x0_latents: torch.Tensor) -> list[Image.Image]:
         """A cheap RGB preview of predicted-x̂0 latents, for live progress in a UI (see ``previews``)."""
+        if self.preview_decoder == "linear":
+            return self._latent_rgb(x0_latents / self.vae.config.scaling_factor)
+        return self.decode(x0_latents, decoder=self.preview_decoder)
+
+    @property
+    def preview_decoder(self) -> str:
+        """How :meth:`preview` decodes: ``"tiny"`` (TAESD), ``"full"`` (a small VAE) or ``"linear"``.
+
+        When it is the run's ``decoder``, the last step's preview is the finished image decoded a
+        second time (the run ends at σ = 0, where the latents are the last x̂0, up to a multistep
+        sampler's correction): a UI can skip it and show the image sooner.
+        """
         if self.tiny_vae is not None:
-            return self.decode(x0_latents, decoder="tiny")
-        if self._latent_rgb is None:
-            return self.decode(x0_latents)
-        return self._latent_rgb(x0_latents / self.vae.config.scaling_factor)
+            return "tiny"
+        return "full" if self._latent_rgb is None else "linear"
 
     # ---------------------------------------------------------------- the steps
     def _denoise(

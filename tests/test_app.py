@@ -244,6 +244,8 @@ def test_live_previews_then_stop(client: Client, app_log: Path) -> None:
         assert shown.shape == (256, 256, 3)
         np.testing.assert_array_equal(shown, np.repeat(np.repeat(shown[::4, ::4], 4, axis=0), 4, axis=1))
         assert status.startswith("Step ") and status.endswith(" of 6")
+    # The last step's preview would be the image decoded a second time: the image comes instead.
+    assert "Step 6 of 6" not in [status for _gallery, _preview, status in previews]
     assert final_gallery[0]["caption"] == "seed 3"
 
     # A long request, stopped after its first preview: the server says so and serves the next one.

@@ -179,6 +179,7 @@ def test_callback_and_cancel(ours):
     assert [s for s, _, _ in seen] == list(range(5)) and all(t == 5 for _, t, _ in seen)
     x0 = torch.randn(1, 4, SIZE // 2, SIZE // 2)
     preview = ours.preview(x0)  # a small VAE: the exact decode
+    assert ours.preview_decoder == "full"
     assert np.array_equal(np.asarray(preview[0]), np.asarray(ours.decode(x0)[0]))
 
     class StopAfterTwo:
@@ -199,6 +200,7 @@ def test_preview_of_a_large_vae_is_a_fitted_linear_map(ours, monkeypatch):
     large = dataclasses.replace(ours)  # fits the map at construction, as a large VAE's pipeline does
     x0 = torch.randn(2, 4, SIZE // 2, SIZE // 2)
     previews = large.preview(x0)
+    assert large.preview_decoder == "linear"
     assert [p.size for p in previews] == [(SIZE, SIZE)] * 2
     # RGB from the 4 latent channels, plus a bias.
     weight, bias = large._latent_rgb.weight, large._latent_rgb.bias

@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 import huggingface_hub
+import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderTiny
@@ -200,6 +201,9 @@ def test_pipeline_load_attaches_the_tiny_vae(tmp_path: Path, tiny_sd1_folder: Pa
     pipe = stable_diffusion.load(tiny_sd1_folder, device="cpu", dtype=torch.float32, tiny_vae=tmp_path / "taesd")
     assert isinstance(pipe.tiny_vae, TinyAutoencoder) and pipe.tiny_vae.config == two_levels
     assert_matches(pipe.tiny_vae, reference, (1, 4, 8, 8), dtype=torch.float32, tol=FLOAT32_TOLERANCE)
+    assert pipe.preview_decoder == "tiny"  # live previews are tiny decodes
+    x0 = torch.randn(1, 4, 8, 8)
+    assert np.array_equal(np.asarray(pipe.preview(x0)[0]), np.asarray(pipe.decode(x0, decoder="tiny")[0]))
     assert stable_diffusion.load(tiny_sd1_folder, device="cpu", dtype=torch.float32).tiny_vae is None
     # A TAESD that downsamples 8× (as SD's does) does not fit this VAE.
     with pytest.raises(ModelLoadError, match=r"does not fit .* 4 latent channels at 1/8 .* 4 at 1/2"):

@@ -6,7 +6,8 @@ random TAESD of the real shape, written once under benchmarks/cache/ by make_ful
 The script starts ``app.py`` on a tiny model with ``--tiny-vae`` pointing at that TAESD, picks the
 SD-Turbo folder with the picker's ``/load_model``, then times 512x512 images through
 ``gradio_client`` at the defaults the page offers after the switch (1 step, guidance 0, Euler a,
-tiny decoder), each with its live preview:
+tiny decoder), each with its live previews (a 1-step run has none: its only preview would be the
+image itself, which the app does not decode twice):
 
     python benchmarks/bench_app_turbo.py              # prints the timings and the machine's load
 
@@ -62,7 +63,7 @@ def time_one_image(client, settings: dict, *, seed: int) -> None:
                         settings["decoder"], api_name="/text_to_image")
     first_preview = None
     while not job.done():
-        if first_preview is None and job.outputs():
+        if first_preview is None and any(isinstance(output[1], str) for output in job.outputs()):
             first_preview = time.perf_counter() - start
         time.sleep(0.02)
     gallery, _preview, parameters = job.result()

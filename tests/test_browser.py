@@ -198,7 +198,7 @@ def _show_the_inside(page) -> None:
     for view in ("denoising", "guidance", "word-maps"):
         page.locator(f"#t2i-show-{view} input").check()
     _set_slider(page, "#t2i-num-images", 2)
-    page.locator("#t2i-seed input").fill("6")  # a seed that draws it well
+    page.locator("#t2i-seed input").fill("3")  # a seed that draws it well
     page.locator("#t2i-generate").click()
     for elem_id in ("t2i-inside-denoising", "t2i-inside-guidance"):
         page.locator(f"#{elem_id} img").wait_for(state="visible")
@@ -206,7 +206,7 @@ def _show_the_inside(page) -> None:
     words.nth(6).wait_for(state="visible")
     assert words.locator(".caption-label").all_inner_texts() == ["a", "red", "circle", "on", "a", "blue",
                                                                  "background"]
-    assert page.locator("#t2i-inside-note").inner_text().startswith("Inside image 1 of 2 (seed 6)")
+    assert page.locator("#t2i-inside-note").inner_text().startswith("Inside image 1 of 2 (seed 3)")
     for elem_id in ("t2i-inside-denoising", "t2i-inside-guidance", "t2i-inside-words"):
         _check_label_clear_of_content(page, elem_id)
 
@@ -216,7 +216,7 @@ def _choose_the_second_image(page) -> None:
     strip = page.locator("#t2i-inside-denoising img").get_attribute("src")
     page.locator("#t2i-gallery .thumbnail-item").nth(1).click()
     page.wait_for_function("() => document.querySelector('#t2i-inside-note').innerText"
-                           ".startsWith('Inside image 2 of 2 (seed 7)')")
+                           ".startsWith('Inside image 2 of 2 (seed 4)')")
     assert page.locator("#t2i-inside-denoising img").get_attribute("src") != strip
 
 

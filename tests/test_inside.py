@@ -230,7 +230,7 @@ def test_bad_step_choices_name_the_setting(choice, shapes):
 
 # ------------------------------------------------------------------------------------ localisation on the tiny model
 # The default maps (value-weighted, every layer and step) on 6 captions x 2 seeds at 12 steps score
-# 1.69 (object's colour), 0.78 (background's colour) and 1.15 (shape word on the outline); the
+# 1.74 (object's colour), 0.76 (background's colour) and 1.17 (shape word on the outline); the
 # floors leave room for other CPUs' rounding and catch maps that stop following the words.
 LOCALISATION_PROMPTS = [
     "a red circle on a blue background",

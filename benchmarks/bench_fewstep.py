@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from make_full_size import default_out  # noqa: E402
-from run import _log, _threads, machine, run_child  # noqa: E402
+from run import bench_threads, log, machine, run_child  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 PROMPT = "a cinematic photo of a red fox in the snow, golden hour"
@@ -128,7 +128,7 @@ def child_images(case: str, dtype_name: str, *, size: int, reps: int, compile_un
     import numpy as np
     import torch
 
-    torch.set_num_threads(_threads())
+    torch.set_num_threads(bench_threads())
     dtype = getattr(torch, dtype_name)
     models = [Ours(case, dtype=dtype, compile_unet=compile_unet), Diffusers(case, dtype=dtype)]
     times: dict[str, dict[str, list[float]]] = {m.name: {"wall_s": [], "cpu_s": []} for m in models}
@@ -140,7 +140,7 @@ def child_images(case: str, dtype_name: str, *, size: int, reps: int, compile_un
             wall, cpu, images[model.name] = _timed(lambda: model.image(size))
             times[model.name]["wall_s"].append(wall)
             times[model.name]["cpu_s"].append(cpu)
-            _log(f"  {case} {dtype_name} {model.name}: {wall:.2f} s (CPU {cpu:.2f} s)")
+            log(f"  {case} {dtype_name} {model.name}: {wall:.2f} s (CPU {cpu:.2f} s)")
     ours, theirs = (np.asarray(images[name], dtype=np.int16) for name in ("ours", "diffusers"))
     parts: dict[str, list[float]] = {}
     with torch.inference_mode():
@@ -155,7 +155,7 @@ def child_probe() -> dict[str, Any]:
     """The precision probe as a first start on this machine runs it (the cache folder comes from the parent)."""
     import torch
 
-    torch.set_num_threads(_threads())
+    torch.set_num_threads(bench_threads())
     from stable_diffusion import devices
 
     start = time.perf_counter()
@@ -196,7 +196,7 @@ def precisions(probe: dict[str, Any]) -> list[str]:
 def ensure_models() -> None:
     for model in ("taesd", *sorted({model for model, *_ in CASES.values()})):
         if not default_out(model).is_dir():
-            _log(f"building the random {model} at {default_out(model)} (once)")
+            log(f"building the random {model} at {default_out(model)} (once)")
             subprocess.run([sys.executable, str(ROOT / "benchmarks" / "make_full_size.py"), "--model", model], check=True)
 
 
@@ -286,7 +286,7 @@ def main() -> None:
     start, load_before = time.perf_counter(), load_average()
     ensure_models()
     probe = measure_probe()
-    _log(f"probe: {probe}")
+    log(f"probe: {probe}")
     plan = [(case, dtype, False) for case in args.cases for dtype in args.dtypes or precisions(probe)]
     if args.compile:
         plan.append(("sd-turbo", probe["dtype"], True))
@@ -297,7 +297,7 @@ def main() -> None:
         runs[f"{case}/{dtype}" + ("/compiled" if compiled else "")] = _child(command + ["--compiled"] * compiled)
     settings = {"size": args.size, "reps": args.reps, "lcm_reps": args.lcm_reps, "load_before": load_before, "load_after": load_average(),
                 "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "wall_s": time.perf_counter() - start}
-    description = {**machine(), "threads": _threads()}
+    description = machine()
     rows = summarize(runs)
     table = markdown(rows, probe, description, settings)
     print(table)

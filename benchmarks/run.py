@@ -179,7 +179,7 @@ def child_load(impl: str, folder: Path, device_name: str, dtype_name: str) -> di
     """
     import torch
 
-    torch.set_num_threads(_threads())
+    torch.set_num_threads(bench_threads())
     device, dtype = torch.device(device_name), getattr(torch, dtype_name)
     import_s, _ = _timed(IMPLEMENTATIONS[impl].import_library, device)
     baseline = rss_mib()
@@ -210,7 +210,7 @@ def child_compute(
     """One process, both models; every benchmark alternates ours / diffusers."""
     import torch
 
-    torch.set_num_threads(_threads())
+    torch.set_num_threads(bench_threads())
     device, dtype = torch.device(device_name), getattr(torch, dtype_name)
     models = [Ours(folder, device=device, dtype=dtype), Diffusers(folder, device=device, dtype=dtype)]
     big, small = _inputs(size, device=device, dtype=dtype), _inputs(small_size, device=device, dtype=dtype)
@@ -239,7 +239,7 @@ def child_compute(
                     times[bench][model.name].append(seconds)
             # The same computation on both sides: how far apart the outputs are (random weights).
             max_abs_diff[bench] = float((outputs["ours"].float() - outputs["diffusers"].float()).abs().max())
-            _log(f"  {dtype_name} {bench}: " + ", ".join(f"{n} {statistics.median(t):.3f} s" for n, t in times[bench].items()))
+            log(f"  {dtype_name} {bench}: " + ", ".join(f"{n} {statistics.median(t):.3f} s" for n, t in times[bench].items()))
     result: dict[str, Any] = {"times_s": times, "max_abs_diff": max_abs_diff}
     bench = f"text_to_image_{size}_{steps}_steps"
     for model in models:
@@ -248,16 +248,16 @@ def child_compute(
             times.setdefault(bench, {})[model.name] = [seconds]
             IMAGES.mkdir(parents=True, exist_ok=True)
             image.save(IMAGES / f"{model.name}-{device.type}-{dtype_name}-{size}-{steps}.png")
-            _log(f"  {dtype_name} {bench}: {model.name} {seconds:.1f} s")
+            log(f"  {dtype_name} {bench}: {model.name} {seconds:.1f} s")
     return result
 
 
 # -------------------------------------------------------------------------------------- parent
-def _threads() -> int:
+def bench_threads() -> int:
     return int(os.environ.get("BENCH_THREADS", "2"))
 
 
-def _log(message: str) -> None:
+def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
@@ -280,7 +280,7 @@ def machine() -> dict[str, Any]:
     description = {
         "cpu": devices.cpu_name(),
         "cpu_cores": os.cpu_count(),
-        "threads": _threads(),
+        "threads": bench_threads(),
         "avx512_bf16": bool(torch.cpu._is_avx512_bf16_supported()),
         "amx": bool(torch.cpu._is_amx_tile_supported()),
         "default_cpu_dtype": str(devices.default_dtype("cpu")).removeprefix("torch."),
@@ -456,14 +456,14 @@ def main() -> None:
 
     start = time.perf_counter()
     if not (args.model / "model_index.json").is_file():
-        _log(f"building the random full-size SD 1.5 at {args.model} (once)")
+        log(f"building the random full-size SD 1.5 at {args.model} (once)")
         subprocess.run([sys.executable, str(ROOT / "benchmarks" / "make_full_size.py"), "--out", str(args.model)], check=True)
     for file in sorted(args.model.rglob("*.safetensors")):  # warm the page cache: every loader reads from memory
         with open(file, "rb") as f:
             while f.read(1 << 24):
                 pass
     description = machine()
-    _log(f"machine: {json.dumps(description)}")
+    log(f"machine: {json.dumps(description)}")
     plan = [("cpu", dtype) for dtype in args.dtypes]
     if torch.cuda.is_available():
         plan.append(("cuda", "float16"))
@@ -475,7 +475,7 @@ def main() -> None:
         for rep in range(args.load_reps):
             for impl in ("ours", "diffusers") if rep % 2 == 0 else ("diffusers", "ours"):
                 loads[impl].append(_child([*common, "--child", "load", "--impl", impl, "--device", device, "--dtype", dtype]))
-                _log(f"  {device} {dtype} load {impl}: {loads[impl][-1]['load_s']:.2f} s, "
+                log(f"  {device} {dtype} load {impl}: {loads[impl][-1]['load_s']:.2f} s, "
                      f"peak RSS {loads[impl][-1]['peak_rss_after_use_mib']:,.0f} MiB")
         images = {
             "none": [],
@@ -495,7 +495,7 @@ def main() -> None:
     report = {"machine": description, "settings": settings, "summary": summary, "runs": runs}
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
     args.out.with_suffix(".md").write_text(table)
-    _log(f"wrote {args.out.with_suffix('.json')} and .md ({settings['wall_s'] / 60:.1f} min)")
+    log(f"wrote {args.out.with_suffix('.json')} and .md ({settings['wall_s'] / 60:.1f} min)")
 
 
 if __name__ == "__main__":

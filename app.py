@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     # The web UI's REST API on the same FastAPI server (webui/sdapi.py), listing the picker's
     # models; --auth protects it too.
     routes = [] if args.no_api else api_routes(served, logins=api_logins + ([auth] if auth else []),
-                                                checkpoints=list(catalogue(served.source, known).values()))
+                                                checkpoints=catalogue(served.source, known))
     # ssr_mode=False: a Node front server (GRADIO_SSR_MODE) would not pass /sdapi/v1 on to this one.
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
                 allowed_paths=[str(EXAMPLES_DIR)], theme=gr.themes.Soft(), css=CSS, app_kwargs={"routes": routes},

@@ -325,10 +325,9 @@ def _work(served: ServedModel, request: GenerationRequest, inputs: dict[str, Any
     def on_step(step: int, total: int, x0_latents: torch.Tensor) -> None:  # runs in the job's turn: pipe is fixed
         # The last step's preview would be the image itself, decoded twice in a row (a second of a
         # 1-step SD-Turbo run on a CPU): the image comes sooner without it.
-        if step + 1 == total and served.pipe.preview_decoder == request.decoder:
-            updates.put(("step", step, total, None))
-            return
-        updates.put(("step", step, total, enlarged(grid(served.pipe.preview(x0_latents)), PREVIEW_SIDE)))
+        image_next = step + 1 == total and served.pipe.preview_decoder == request.decoder
+        preview = None if image_next else enlarged(grid(served.pipe.preview(x0_latents)), PREVIEW_SIDE)
+        updates.put(("step", step, total, preview))
 
     try:
         result = served.generate([request], door="page", callback=on_step, cancel=cancel, **inputs)[0]

@@ -40,7 +40,6 @@ __all__ = [
     "default_source",
     "known_models",
     "lora_names",
-    "model_title",
     "recommended",
 ]
 
@@ -82,11 +81,6 @@ def default_source(device: torch.device) -> str:
     return SD_TURBO if device.type == "cpu" else DEFAULT_MODEL
 
 
-def model_title(source: str) -> str:
-    """The name a model goes by on the page and in the REST API: the name ``hub.load`` gives it."""
-    return model_name(source)
-
-
 @dataclass(frozen=True)
 class ModelLoader:
     """How the app loads any model: where, in what precision, with which tiny decoder and LoRA folders.
@@ -122,7 +116,7 @@ def catalogue(served_source: str | None, known: Sequence[KnownModel]) -> dict[st
     sources = ([served_source] if served_source is not None else []) + [model.source for model in known]
     found: dict[str, str] = {}
     for source in sources:
-        found.setdefault(model_title(source), source)
+        found.setdefault(model_name(source), source)
     return found
 
 
@@ -191,7 +185,7 @@ class ModelPicker:
         self.served = served
         self.header_text = header
         self.sources = catalogue(served.source, known)
-        labels = {model_title(model.source): model.label for model in known}
+        labels = {model_name(model.source): model.label for model in known}
         self.header = gr.Markdown(header(served), elem_id="header")
         with gr.Row(elem_classes=["bottom-aligned"]):
             self.dropdown = gr.Dropdown(

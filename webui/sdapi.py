@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -36,7 +36,6 @@ from stable_diffusion.pipelines import Generation, GenerationCancelled
 from stable_diffusion.request import GenerationRequest, InvalidSetting
 
 from .generation import MAX_IMAGES, MAX_STEPS
-from .models import model_title
 from .sdapi_translate import (SCHEDULERS, ImageToImagePayload, PngInfoPayload, TextToImagePayload, api_error,
                               decode_image, encode_png, generation_info, generation_requests, png_info, sampler_list)
 from .served import ServedModel, gpu, switch_model
@@ -68,13 +67,14 @@ def parse_logins(text: str) -> list[tuple[str, str]]:
 
 
 def api_routes(served: ServedModel, *, logins: Sequence[tuple[str, str]] = (),
-               checkpoints: Sequence[str] = ()) -> list[BaseRoute]:
+               checkpoints: Mapping[str, str] | None = None) -> list[BaseRoute]:
     """The API's routes, for the app's FastAPI server (``launch(app_kwargs={"routes": ...})``).
 
     ``logins``: (user, password) pairs that HTTP basic auth accepts; none: the API is open.
-    ``checkpoints``: model sources besides the served one that ``sd_model_checkpoint`` may switch to.
+    ``checkpoints``: title -> source of the models besides the served one that ``sd_model_checkpoint``
+    may switch to (``models.catalogue``: the page's picker lists the same).
     """
-    api = _WebUIApi(served, checkpoints)
+    api = _WebUIApi(served, checkpoints or {})
     router = APIRouter(prefix=PREFIX, dependencies=[Depends(_basic_auth(logins))] if logins else [])
     for path, endpoint, method in [
         ("/txt2img", api.txt2img, "POST"), ("/img2img", api.img2img, "POST"), ("/png-info", api.png_info, "POST"),
@@ -126,10 +126,9 @@ INPAINTING_FILLS = (0, 1)
 class _WebUIApi:
     """The endpoints that read the served model. Each reads ``served`` per request, like the page."""
 
-    def __init__(self, served: ServedModel, checkpoints: Sequence[str]) -> None:
+    def __init__(self, served: ServedModel, checkpoints: Mapping[str, str]) -> None:
         self.served = served
-        # The model served at start stays available after a switch.
-        self.sources = [source for source in (served.source, *checkpoints) if source is not None]
+        self.checkpoints = dict(checkpoints)
         # Worker threads of this API's own: requests waiting for the model never hold the server's.
         self.limiter = anyio.CapacityLimiter(MAX_WAITING + 1)
         # The last preview sent, with the latents it shows: clients poll faster than steps go.
@@ -243,11 +242,9 @@ class _WebUIApi:
 
     def _checkpoints(self) -> dict[str, str | None]:
         """Each model this server may serve, by title (its name, as ``hub.load`` gives it) -> its source."""
-        found: dict[str, str | None] = {}
-        if self.served.pipe is not None:
-            found[self.served.pipe.name] = self.served.source
-        for source in self.sources:
-            found.setdefault(model_title(source), source)
+        found = {} if self.served.pipe is None else {self.served.pipe.name: self.served.source}
+        for title, source in self.checkpoints.items():
+            found.setdefault(title, source)
         return found
 
     async def sd_models(self) -> list[dict[str, Any]]:

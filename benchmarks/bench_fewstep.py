@@ -36,7 +36,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -57,12 +58,14 @@ CASES = {"sd-turbo": ("sd-turbo", 1, 0.0, "euler_a"), "lcm": ("lcm", 4, 8.0, "lc
 
 # ------------------------------------------------------------------------------- the two models
 class Ours:
-    name = "ours"
+    """Our pipeline; with ``conv="onednn"``, every convolution by oneDNN (``SD_CPU_CONV``) instead of the
+    algorithm ``cpu_conv`` measured fastest for its shape: the same weights, to show what the choice gains."""
 
-    def __init__(self, case: str, *, dtype, compile_unet: bool = False) -> None:
+    def __init__(self, case: str, *, dtype, compile_unet: bool = False, conv: str | None = None) -> None:
         import stable_diffusion
         import torch
 
+        self.name, self.conv = ("ours", None) if conv is None else (f"ours ({conv} only)", conv)
         model, self.steps, self.guidance, self.sampler = CASES[case]
         self.pipe = stable_diffusion.load(default_out(model), device="cpu", dtype=dtype, tiny_vae=default_out("taesd"))
         if compile_unet:
@@ -71,8 +74,11 @@ class Ours:
             self.pipe.unet = torch.compile(self.pipe.unet, options={"freezing": True})
 
     def image(self, size: int):
-        return self.pipe.text_to_image(PROMPT, width=size, height=size, steps=self.steps, guidance_scale=self.guidance,
-                                       sampler=self.sampler, decoder="tiny", seed=SEED).images[0]
+        from stable_diffusion.cpu_conv import CPU_CONV_ENV
+
+        with environment(CPU_CONV_ENV, self.conv):
+            return self.pipe.text_to_image(PROMPT, width=size, height=size, steps=self.steps, guidance_scale=self.guidance,
+                                           sampler=self.sampler, decoder="tiny", seed=SEED).images[0]
 
     def parts(self, size: int) -> dict[str, Callable[[], Any]]:
         import torch
@@ -85,9 +91,19 @@ class Ours:
         context = pipe.encode_prompt(PROMPT).to(dtype)
         dim = pipe.unet.config.time_cond_proj_dim
         cond = None if dim is None else guidance_scale_embedding(torch.tensor([self.guidance - 1]), dim).to(dtype)
+        from stable_diffusion.cpu_conv import CPU_CONV_ENV
+
+        def unet_call() -> torch.Tensor:
+            return pipe.unet(x.to(dtype), torch.tensor([999.0]), context, timestep_cond=cond)
+
+        def unet_call_onednn() -> torch.Tensor:
+            with environment(CPU_CONV_ENV, "onednn"):
+                return unet_call()
+
         return {
             "prompt encoding": lambda: pipe.encode_prompt(PROMPT),
-            "UNet call": lambda: pipe.unet(x.to(dtype), torch.tensor([999.0]), context, timestep_cond=cond),
+            "UNet call": unet_call,
+            "UNet call, oneDNN only": unet_call_onednn,
             "tiny decode": lambda: pipe.decode(x, decoder="tiny"),
         }
 
@@ -116,6 +132,23 @@ class Diffusers:
                          generator=torch.Generator().manual_seed(SEED)).images[0]
 
 
+@contextmanager
+def environment(name: str, value: str | None) -> Iterator[None]:
+    """``os.environ[name] = value`` inside the block (nothing when value is None)."""
+    if value is None:
+        yield
+        return
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = before
+
+
 # ------------------------------------------------------------------------------------- children
 def _timed(fn: Callable[[], Any]) -> tuple[float, float, Any]:
     wall, cpu = time.perf_counter(), time.process_time()
@@ -131,9 +164,13 @@ def child_images(case: str, dtype_name: str, *, size: int, reps: int, compile_un
     torch.set_num_threads(bench_threads())
     dtype = getattr(torch, dtype_name)
     models = [Ours(case, dtype=dtype, compile_unet=compile_unet), Diffusers(case, dtype=dtype)]
+    if not compile_unet:  # under torch.compile every convolution is oneDNN's anyway
+        models.insert(1, Ours(case, dtype=dtype, conv="onednn"))
     times: dict[str, dict[str, list[float]]] = {m.name: {"wall_s": [], "cpu_s": []} for m in models}
     images, first_image_s = {}, {}
-    for model in models:  # untimed: touches every weight, lets oneDNN build its kernels (and compiles)
+    # Untimed: touches every weight, lets oneDNN build its kernels (and compiles); ours' first image
+    # also times each new convolution shape (the parent gives every child an empty cache).
+    for model in models:
         first_image_s[model.name], _, images[model.name] = _timed(lambda: model.image(size))
     for rep in range(reps):
         for model in models if rep % 2 == 0 else reversed(models):
@@ -141,14 +178,20 @@ def child_images(case: str, dtype_name: str, *, size: int, reps: int, compile_un
             times[model.name]["wall_s"].append(wall)
             times[model.name]["cpu_s"].append(cpu)
             log(f"  {case} {dtype_name} {model.name}: {wall:.2f} s (CPU {cpu:.2f} s)")
-    ours, theirs = (np.asarray(images[name], dtype=np.int16) for name in ("ours", "diffusers"))
-    parts: dict[str, list[float]] = {}
+    pixels = {name: np.asarray(image, dtype=np.int16) for name, image in images.items()}
+    calls = models[0].parts(size)
+    parts: dict[str, list[float]] = {part: [] for part in calls}
+    parts_cpu: dict[str, list[float]] = {part: [] for part in calls}
     with torch.inference_mode():
-        for part, call in models[0].parts(size).items():
+        for call in calls.values():
             call()
-            parts[part] = [_timed(call)[0] for _ in range(reps)]
-    return {"times": times, "first_image_s": first_image_s, "parts_wall_s": parts,
-            "max_pixel_diff": int(np.abs(ours - theirs).max())}
+        for _ in range(reps):  # interleaved, so that the machine's drift hits every part alike
+            for part, call in calls.items():
+                wall, cpu, _ = _timed(call)
+                parts[part].append(wall)
+                parts_cpu[part].append(cpu)
+    return {"times": times, "first_image_s": first_image_s, "parts_wall_s": parts, "parts_cpu_s": parts_cpu,
+            "max_pixel_diff": {name: int(np.abs(pixels["ours"] - pixels[name]).max()) for name in pixels if name != "ours"}}
 
 
 def child_probe() -> dict[str, Any]:
@@ -207,13 +250,16 @@ def summarize(runs: dict[str, Any]) -> list[dict[str, Any]]:
         medians = {name: {metric: statistics.median(values) for metric, values in by_metric.items()}
                    for name, by_metric in run["times"].items()}
         ours, theirs = medians["ours"], medians["diffusers"]
+        onednn = medians.get("ours (onednn only)", {})
         rows.append({
             "case": case, "dtype": dtype, "compiled": bool(compiled), "n": len(run["times"]["ours"]["wall_s"]),
             "first_image_s": run["first_image_s"],
             "ours_s": ours["wall_s"], "diffusers_s": theirs["wall_s"], "ratio": ours["wall_s"] / theirs["wall_s"],
             "ours_cpu_s": ours["cpu_s"], "diffusers_cpu_s": theirs["cpu_s"],
             "cpu_ratio": ours["cpu_s"] / theirs["cpu_s"], "max_pixel_diff": run["max_pixel_diff"],
+            "ours_onednn_s": onednn.get("wall_s"), "ours_onednn_cpu_s": onednn.get("cpu_s"),
             "parts_s": {part: statistics.median(values) for part, values in run["parts_wall_s"].items()},
+            "parts_cpu_s": {part: statistics.median(values) for part, values in run["parts_cpu_s"].items()},
         })
     return rows
 
@@ -233,26 +279,35 @@ def markdown(rows: list[dict[str, Any]], probe: dict[str, Any], description: dic
         "",
         f"Time to a {size}² image, prompt encoding included, tiny decoder (TAESD); medians of {settings['reps']} "
         f"({settings['lcm_reps']} for LCM) alternating runs in one process, after one untimed image each; CPU = the "
-        "process's CPU time.",
+        "process's CPU time. *oneDNN only*: ours with every convolution by oneDNN (`SD_CPU_CONV=onednn`) instead of "
+        "the algorithm measured fastest per shape (`stable_diffusion/cpu_conv.py`). *First image*: ours' untimed "
+        "first image in a process with an empty cache, which times each new convolution shape.",
         "",
-        "| case | dtype | ours | diffusers | ours / diffusers | ours CPU | diffusers CPU | CPU ratio | max pixel diff |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| case | dtype | ours | ours, oneDNN only | diffusers | ours / diffusers | ours / oneDNN only | ours CPU "
+        "| diffusers CPU | CPU ratio | first image | max pixel diff (vs oneDNN only, vs diffusers) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         default = " (default)" if row["dtype"] == probe["dtype"] else ""
         compiled = f", ours compiled ({row['first_image_s']['ours']:.0f} s)" if row["compiled"] else ""
+        onednn_s, diffs = row["ours_onednn_s"], row["max_pixel_diff"]
         lines.append(
-            f"| {CASE_LABELS[row['case']]}{compiled} | {row['dtype']}{default} | {row['ours_s']:.2f} s | {row['diffusers_s']:.2f} s | "
-            f"{row['ratio']:.2f} | {row['ours_cpu_s']:.2f} s | {row['diffusers_cpu_s']:.2f} s | {row['cpu_ratio']:.2f} | "
-            f"{row['max_pixel_diff']} |"
+            f"| {CASE_LABELS[row['case']]}{compiled} | {row['dtype']}{default} | {row['ours_s']:.2f} s | "
+            + (f"{onednn_s:.2f} s" if onednn_s else "–") + f" | {row['diffusers_s']:.2f} s | {row['ratio']:.2f} | "
+            + (f"{row['ours_s'] / onednn_s:.2f}" if onednn_s else "–")
+            + f" | {row['ours_cpu_s']:.2f} s | {row['diffusers_cpu_s']:.2f} s | {row['cpu_ratio']:.2f} | "
+            f"{row['first_image_s']['ours']:.2f} s | {diffs.get('ours (onednn only)', '–')}, {diffs['diffusers']} |"
         )
     parts = list(rows[0]["parts_s"]) if rows else []
-    lines += ["", "Ours, part by part (medians, wall):", "", "| case | dtype | " + " | ".join(parts) + " |",
-              "|---|---|" + "---:|" * len(parts)]
+    lines += ["", "Ours, part by part (medians of interleaved runs, wall; CPU time in brackets):", "",
+              "| case | dtype | " + " | ".join(parts) + " | UNet call / oneDNN only (CPU) |",
+              "|---|---|" + "---:|" * (len(parts) + 1)]
     for row in rows:
         compiled = ", compiled" if row["compiled"] else ""
+        cpu = row["parts_cpu_s"]
         lines.append(f"| {CASE_LABELS[row['case']]}{compiled} | {row['dtype']} | "
-                     + " | ".join(f"{row['parts_s'][part]:.2f} s" for part in parts) + " |")
+                     + " | ".join(f"{row['parts_s'][part]:.2f} s ({cpu[part]:.2f} s)" for part in parts)
+                     + f" | {cpu['UNet call'] / cpu['UNet call, oneDNN only']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -294,7 +349,10 @@ def main() -> None:
     for case, dtype, compiled in plan:
         reps = args.lcm_reps if case == "lcm" else args.reps
         command = ["--child", "images", "--case", case, "--dtype", dtype, "--size", str(args.size), "--reps", str(reps)]
-        runs[f"{case}/{dtype}" + ("/compiled" if compiled else "")] = _child(command + ["--compiled"] * compiled)
+        with tempfile.TemporaryDirectory() as cache:  # no convolution shape measured yet
+            env = {**os.environ, "XDG_CACHE_HOME": cache}
+            env.pop("SD_CPU_CONV", None)
+            runs[f"{case}/{dtype}" + ("/compiled" if compiled else "")] = _child(command + ["--compiled"] * compiled, env)
     settings = {"size": args.size, "reps": args.reps, "lcm_reps": args.lcm_reps, "load_before": load_before, "load_after": load_average(),
                 "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "wall_s": time.perf_counter() - start}
     description = machine()

@@ -21,6 +21,7 @@ pipeline runs the sampler's arithmetic in float32 whatever the networks' precisi
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -103,6 +104,7 @@ def faster_dtype(timings: dict[str, float]) -> torch.dtype:
     return torch.bfloat16 if timings["bfloat16"] * BF16_MIN_SPEEDUP <= timings["float32"] else torch.float32
 
 
+@functools.cache  # read once: the CPU does not change under a running process
 def cpu_name() -> str:
     """The CPU's model name, as /proc/cpuinfo gives it (else what platform knows)."""
     try:
@@ -120,12 +122,14 @@ def machine_key() -> str:
     return f"{cpu_name()} | torch {torch.__version__} | {torch.get_num_threads()} threads"
 
 
-def probe_cache_file() -> Path:
+def probe_cache_file(name: str = "cpu-dtype.json") -> Path:
+    """Where a per-machine measurement (this precision probe, ``cpu_conv``'s algorithms) keeps its answers."""
     root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root) / "stable-diffusion-from-scratch" / "cpu-dtype.json"
+    return Path(root) / "stable-diffusion-from-scratch" / name
 
 
-def _read_probe_cache(path: Path) -> dict[str, dict]:
+def read_probe_cache(path: Path) -> dict[str, dict]:
+    """The cached answers by machine key; empty when the file is missing or unreadable (measured again)."""
     try:
         cache = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -133,16 +137,17 @@ def _read_probe_cache(path: Path) -> dict[str, dict]:
     return cache if isinstance(cache, dict) else {}
 
 
-def _write_probe_cache(path: Path, key: str, entry: dict) -> None:
+def write_probe_cache(path: Path, key: str, entry: dict) -> None:
+    """Sets one machine's answer in the file, keeping the others'; a cache that cannot be written only warns."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        cache = _read_probe_cache(path)
+        cache = read_probe_cache(path)
         cache[key] = entry
         partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
         partial.write_text(json.dumps(cache, indent=1, sort_keys=True) + "\n")
         partial.replace(path)  # atomic: a concurrent reader sees the old file or the new one
     except OSError as error:
-        logger.warning("Could not cache the CPU precision probe in %s: %s", path, error)
+        logger.warning("Could not cache a CPU measurement in %s: %s", path, error)
 
 
 def fastest_cpu_dtype() -> torch.dtype:
@@ -168,7 +173,7 @@ def fastest_cpu_dtype() -> torch.dtype:
 
 def _cached_or_probed(key: str) -> torch.dtype:
     path = probe_cache_file()
-    entry = _read_probe_cache(path).get(key)
+    entry = read_probe_cache(path).get(key)
     if isinstance(entry, dict) and entry.get("dtype") in ("float32", "bfloat16"):
         return DTYPES[entry["dtype"]]
     start = time.perf_counter()
@@ -179,7 +184,7 @@ def _cached_or_probed(key: str) -> torch.dtype:
         "CPU precision probe: %s (op mix float32 %.2f ms, bfloat16 %.2f ms; probe %.2f s), cached in %s",
         name, 1e3 * timings["float32"], 1e3 * timings["bfloat16"], time.perf_counter() - start, path,
     )
-    _write_probe_cache(path, key, {"dtype": name, **{f"{k}_s": v for k, v in timings.items()}})
+    write_probe_cache(path, key, {"dtype": name, **{f"{k}_s": v for k, v in timings.items()}})
     return dtype
 
 

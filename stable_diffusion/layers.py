@@ -1,6 +1,6 @@
 """Building blocks shared by the text encoder, the UNet and the VAE.
 
-One implementation of each: multi-head attention, the residual block, the 2× down/up samplers and the
+One implementation of each: the convolution, multi-head attention, the residual block, the 2× down/up samplers and the
 sinusoidal timestep (and guidance) embedding. Module and parameter names follow the Hub checkpoints (``to_q``,
 ``time_emb_proj``, ``conv_shortcut``, ...) so the weight map stays a short list of renames.
 """
@@ -16,9 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stable_diffusion import cpu_conv
+
 __all__ = [
     "Attention",
     "AttentionProbe",
+    "Conv2d",
     "Downsample",
     "ResBlock",
     "Upsample",
@@ -48,6 +51,16 @@ def attention_probe(probe: AttentionProbe) -> Iterator[None]:
         yield
     finally:
         _ATTENTION_PROBE.reset(token)
+
+
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` (same parameters, same checkpoint names) whose CPU inference runs the algorithm
+    measured fastest for its shape on this machine (``cpu_conv``); elsewhere it is ``nn.Conv2d``."""
+
+    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.padding_mode != "zeros":
+            return super()._conv_forward(x, weight, bias)
+        return cpu_conv.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
 
 class Attention(nn.Module):
@@ -119,12 +132,12 @@ class ResBlock(nn.Module):
     ) -> None:
         super().__init__()
         self.norm1 = nn.GroupNorm(num_groups, in_channels, eps=eps)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
+        self.conv1 = Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
         self.time_emb_proj = None if time_emb_dim is None else nn.Linear(time_emb_dim, out_channels)
         self.norm2 = nn.GroupNorm(num_groups, out_channels, eps=eps)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
+        self.conv2 = Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
         self.conv_shortcut = (
-            None if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, kernel_size=1)
+            None if in_channels == out_channels else Conv2d(in_channels, out_channels, kernel_size=1)
         )
 
     def forward(self, x: torch.Tensor, time_emb: torch.Tensor | None = None) -> torch.Tensor:
@@ -146,7 +159,7 @@ class Downsample(nn.Module):
         # The LDM VAE pads only right and bottom (its conv has padding 0); the UNet pads 1 on every side.
         # Both are kept because the trained weights expect their own alignment.
         self.asymmetric_padding = asymmetric_padding
-        self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=0 if asymmetric_padding else 1)
+        self.conv = Conv2d(channels, channels, kernel_size=3, stride=2, padding=0 if asymmetric_padding else 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.asymmetric_padding:
@@ -159,7 +172,7 @@ class Upsample(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+        self.conv = Conv2d(channels, channels, kernel_size=3, padding=1)
 
     def forward(self, x: torch.Tensor, *, size: tuple[int, int] | torch.Size | None = None) -> torch.Tensor:
         # `size` lets the UNet match an odd-sized skip connection (a latent side that is not a multiple

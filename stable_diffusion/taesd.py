@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from stable_diffusion.devices import conv_memory_format
+from stable_diffusion.layers import Conv2d
 
 __all__ = ["TAESDConfig", "TinyAutoencoder"]
 
@@ -129,8 +130,8 @@ class TAESDConfig:
         }
 
 
-def _conv3x3(in_channels: int, out_channels: int, *, stride: int = 1, bias: bool = True) -> nn.Conv2d:
-    return nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=bias)
+def _conv3x3(in_channels: int, out_channels: int, *, stride: int = 1, bias: bool = True) -> Conv2d:
+    return Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=bias)
 
 
 class Block(nn.Module):

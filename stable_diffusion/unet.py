@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stable_diffusion.layers import Attention, Downsample, ResBlock, Upsample, timestep_embedding
+from stable_diffusion.layers import Attention, Conv2d, Downsample, ResBlock, Upsample, timestep_embedding
 
 __all__ = ["UNet", "UNetConfig"]
 
@@ -268,8 +268,8 @@ class SpatialTransformer(nn.Module):
         if self.use_linear_projection:
             self.proj_in, self.proj_out = nn.Linear(channels, channels), nn.Linear(channels, channels)
         else:
-            self.proj_in = nn.Conv2d(channels, channels, kernel_size=1)
-            self.proj_out = nn.Conv2d(channels, channels, kernel_size=1)
+            self.proj_in = Conv2d(channels, channels, kernel_size=1)
+            self.proj_out = Conv2d(channels, channels, kernel_size=1)
         self.transformer_blocks = nn.ModuleList(
             TransformerBlock(
                 channels,
@@ -414,7 +414,7 @@ class UNet(nn.Module):
         super().__init__()
         self.config = config
         channels = config.block_out_channels
-        self.conv_in = nn.Conv2d(config.in_channels, channels[0], kernel_size=3, padding=1)
+        self.conv_in = Conv2d(config.in_channels, channels[0], kernel_size=3, padding=1)
         self.time_embedding = TimeEmbedding(channels[0], config.time_embed_dim, cond_dim=config.time_cond_proj_dim)
         self.down_blocks = nn.ModuleList(
             DownBlock(channels[max(level - 1, 0)], channels[level], level=level, config=config)
@@ -423,7 +423,7 @@ class UNet(nn.Module):
         self.mid_block = MidBlock(channels[-1], config)
         self.up_blocks = nn.ModuleList(UpBlock(level=level, config=config) for level in reversed(range(len(channels))))
         self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, channels[0], eps=config.norm_eps)
-        self.conv_out = nn.Conv2d(channels[0], config.out_channels, kernel_size=3, padding=1)
+        self.conv_out = Conv2d(channels[0], config.out_channels, kernel_size=3, padding=1)
 
     def forward(
         self,

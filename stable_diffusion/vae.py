@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stable_diffusion.devices import conv_memory_format
-from stable_diffusion.layers import Attention, Downsample, ResBlock, Upsample
+from stable_diffusion.layers import Attention, Conv2d, Downsample, ResBlock, Upsample
 
 __all__ = ["AutoencoderKL", "DiagonalGaussian", "VAEConfig"]
 
@@ -195,7 +195,7 @@ class Encoder(nn.Module):
     def __init__(self, config: VAEConfig) -> None:
         super().__init__()
         channels = config.block_out_channels
-        self.conv_in = nn.Conv2d(config.in_channels, channels[0], kernel_size=3, padding=1)
+        self.conv_in = Conv2d(config.in_channels, channels[0], kernel_size=3, padding=1)
         self.down_blocks = nn.ModuleList(
             EncoderBlock(
                 channels[max(level - 1, 0)],
@@ -209,7 +209,7 @@ class Encoder(nn.Module):
         self.mid_block = MidBlock(channels[-1], config)
         self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, channels[-1], eps=_EPS)
         # Twice the latent channels: mean and log-variance.
-        self.conv_out = nn.Conv2d(channels[-1], 2 * config.latent_channels, kernel_size=3, padding=1)
+        self.conv_out = Conv2d(channels[-1], 2 * config.latent_channels, kernel_size=3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv_in(x)
@@ -223,7 +223,7 @@ class Decoder(nn.Module):
     def __init__(self, config: VAEConfig) -> None:
         super().__init__()
         channels = tuple(reversed(config.block_out_channels))
-        self.conv_in = nn.Conv2d(config.latent_channels, channels[0], kernel_size=3, padding=1)
+        self.conv_in = Conv2d(config.latent_channels, channels[0], kernel_size=3, padding=1)
         self.mid_block = MidBlock(channels[0], config)
         # One more layer per block than the encoder, as in the LDM decoder.
         self.up_blocks = nn.ModuleList(
@@ -237,7 +237,7 @@ class Decoder(nn.Module):
             for i in range(len(channels))
         )
         self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, channels[-1], eps=_EPS)
-        self.conv_out = nn.Conv2d(channels[-1], config.out_channels, kernel_size=3, padding=1)
+        self.conv_out = Conv2d(channels[-1], config.out_channels, kernel_size=3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         x = self.mid_block(self.conv_in(z))
@@ -253,8 +253,8 @@ class AutoencoderKL(nn.Module):
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
         moments = 2 * config.latent_channels
-        self.quant_conv = nn.Conv2d(moments, moments, kernel_size=1)
-        self.post_quant_conv = nn.Conv2d(config.latent_channels, config.latent_channels, kernel_size=1)
+        self.quant_conv = Conv2d(moments, moments, kernel_size=1)
+        self.post_quant_conv = Conv2d(config.latent_channels, config.latent_channels, kernel_size=1)
 
     def encode(self, images: torch.Tensor) -> DiagonalGaussian:
         """Images [B, 3, H, W] in [-1, 1] -> posterior over unscaled latents [B, 4, H/8, W/8]."""

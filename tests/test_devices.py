@@ -143,7 +143,7 @@ def test_an_unwritable_cache_only_warns(monkeypatch: pytest.MonkeyPatch, tmp_pat
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "a-file"))  # no folder can be made under a file
     monkeypatch.setattr(devices, "measure_cpu_dtypes", CountingProbe(float32=2.0, bfloat16=1.0))
     assert devices.default_dtype("cpu") == torch.bfloat16
-    assert "Could not cache the CPU precision probe" in caplog.text
+    assert "Could not cache a CPU measurement" in caplog.text
 
 
 @pytest.mark.parametrize(("value", "expected"), [("bfloat16", torch.bfloat16), ("fp32", torch.float32), (" BF16 ", torch.bfloat16)])

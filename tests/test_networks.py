@@ -17,7 +17,7 @@ import transformers
 from diffusers import AutoencoderKL as ReferenceVAE
 from diffusers import UNet2DConditionModel
 
-from stable_diffusion import weights
+from stable_diffusion import cpu_conv, weights
 from stable_diffusion.clip import CLIPTextConfig, CLIPTextModel
 from stable_diffusion.layers import guidance_scale_embedding, timestep_embedding
 from stable_diffusion.unet import UNet, UNetConfig
@@ -160,6 +160,19 @@ def test_unet_latent_sides_not_multiple_of_downsampling(unet_pair) -> None:
     context = torch.randn(1, 77, config.cross_attention_dim, generator=generator)
     with torch.no_grad():
         assert max_abs_diff(ours(x, 500, context), reference(x, 500, context).sample) < TOL
+
+
+@pytest.mark.parametrize("algorithm", cpu_conv.ALGORITHMS)
+def test_unet_matches_diffusers_with_either_convolution_algorithm(unet_pair, monkeypatch, algorithm: str) -> None:
+    """Every convolution by oneDNN or by im2col (what ``cpu_conv`` chooses between), odd sides included."""
+    monkeypatch.setenv(cpu_conv.CPU_CONV_ENV, algorithm)
+    config, reference, ours = unet_pair
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 4, 10, 6, generator=generator)
+    context = torch.randn(2, 77, config.cross_attention_dim, generator=generator)
+    t = torch.tensor([3.0, 500.5])
+    with torch.no_grad():
+        assert max_abs_diff(ours(x, t, context), reference(x, t, context).sample) < TOL
 
 
 def test_unet_rejects_wrong_timestep_count() -> None:

@@ -190,7 +190,12 @@ def child_images(case: str, dtype_name: str, *, size: int, reps: int, compile_un
                 wall, cpu, _ = _timed(call)
                 parts[part].append(wall)
                 parts_cpu[part].append(cpu)
+    from stable_diffusion import cpu_conv, devices
+
+    choices = devices.read_probe_cache(devices.probe_cache_file(cpu_conv.CACHE_FILE)).get(devices.machine_key(), {})
     return {"times": times, "first_image_s": first_image_s, "parts_wall_s": parts, "parts_cpu_s": parts_cpu,
+            "im2col_shapes": sorted(shape for shape, algorithm in choices.items() if algorithm == "im2col"),
+            "measured_shapes": len(choices),
             "max_pixel_diff": {name: int(np.abs(pixels["ours"] - pixels[name]).max()) for name in pixels if name != "ours"}}
 
 
@@ -260,6 +265,7 @@ def summarize(runs: dict[str, Any]) -> list[dict[str, Any]]:
             "ours_onednn_s": onednn.get("wall_s"), "ours_onednn_cpu_s": onednn.get("cpu_s"),
             "parts_s": {part: statistics.median(values) for part, values in run["parts_wall_s"].items()},
             "parts_cpu_s": {part: statistics.median(values) for part, values in run["parts_cpu_s"].items()},
+            "im2col_shapes": run["im2col_shapes"], "measured_shapes": run["measured_shapes"],
         })
     return rows
 
@@ -308,6 +314,9 @@ def markdown(rows: list[dict[str, Any]], probe: dict[str, Any], description: dic
         lines.append(f"| {CASE_LABELS[row['case']]}{compiled} | {row['dtype']} | "
                      + " | ".join(f"{row['parts_s'][part]:.2f} s ({cpu[part]:.2f} s)" for part in parts)
                      + f" | {cpu['UNet call'] / cpu['UNet call, oneDNN only']:.2f} |")
+    lines += ["", "Convolution shapes that the first image timed, and those that went to im2col:", ""]
+    lines += [f"- {CASE_LABELS[row['case']]}, {row['dtype']}: {len(row['im2col_shapes'])} of {row['measured_shapes']}: "
+              + ", ".join(f"`{shape}`" for shape in row["im2col_shapes"]) for row in rows if not row["compiled"]]
     return "\n".join(lines) + "\n"
 
 

@@ -1,8 +1,9 @@
 """Building blocks shared by the text encoder, the UNet and the VAE.
 
-One implementation of each: the convolution, multi-head attention, the residual block, the 2× down/up samplers and the
-sinusoidal timestep (and guidance) embedding. Module and parameter names follow the Hub checkpoints (``to_q``,
-``time_emb_proj``, ``conv_shortcut``, ...) so the weight map stays a short list of renames.
+One implementation of each: the convolution, multi-head attention, the residual block, the 2× down/up
+samplers and the sinusoidal timestep (and guidance) embedding. Module and parameter names follow the
+Hub checkpoints (``to_q``, ``time_emb_proj``, ``conv_shortcut``, ...) so the weight map stays a short
+list of renames.
 """
 
 from __future__ import annotations
@@ -57,10 +58,10 @@ class Conv2d(nn.Conv2d):
     """``nn.Conv2d`` (same parameters, same checkpoint names) whose CPU inference runs the algorithm
     measured fastest for its shape on this machine (``cpu_conv``); elsewhere it is ``nn.Conv2d``."""
 
-    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.padding_mode != "zeros":
-            return super()._conv_forward(x, weight, bias)
-        return cpu_conv.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+            return super().forward(x)
+        return cpu_conv.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
 class Attention(nn.Module):

@@ -25,18 +25,19 @@ def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 
 class ScriptedClock:
-    """A clock under which the measurement's im2col run lasts ``im2col`` s and its oneDNN run ``onednn`` s.
+    """A clock under which the measurement's timed runs last ``durations`` seconds, in turn (cycled).
 
-    The measurement reads the clock twice per timed run: im2col first, then oneDNN.
+    The measurement reads the clock twice per timed run, alternating im2col and oneDNN: so
+    ``ScriptedClock(1.0, 2.0)`` is im2col 1 s, oneDNN 2 s.
     """
 
-    def __init__(self, im2col: float, onednn: float) -> None:
-        self.durations = (im2col, onednn)
+    def __init__(self, *durations: float) -> None:
+        self.durations = durations
         self.now, self.reads = 0.0, 0
 
     def __call__(self) -> float:
         if self.reads % 2 == 1:
-            self.now += self.durations[(self.reads // 2) % 2]
+            self.now += self.durations[(self.reads // 2) % len(self.durations)]
         self.reads += 1
         return self.now
 
@@ -108,25 +109,34 @@ def test_im2col_in_bfloat16_stays_within_bfloat16_rounding() -> None:
 @pytest.mark.parametrize(("im2col", "onednn", "chosen"), [(1.0, 3.0, "im2col"), (1.0, 1.05, "onednn"), (2.0, 1.0, "onednn")])
 def test_the_faster_algorithm_is_kept_and_cached(monkeypatch: pytest.MonkeyPatch, im2col, onednn, chosen) -> None:
     monkeypatch.setattr(cpu_conv, "MIN_FLOPS", 0)
-    clock = ScriptedClock(im2col=im2col, onednn=onednn)
+    clock = ScriptedClock(im2col, onednn)
     monkeypatch.setattr(cpu_conv, "_clock", clock)
     conv, x = wide_conv(32, 32), torch.randn(1, 32, 8, 8)
     expected = F.conv2d(x, conv.weight, conv.bias, padding=1)
     calls = Calls(monkeypatch)
     with torch.inference_mode():
         first = conv(x)
-        # Measured once: oneDNN's untimed warm-up, then each timed; the winner's output is returned.
-        assert calls.take() == {"onednn": 2, "im2col": 1} and clock.reads == 4
+        # Measured once: oneDNN's untimed warm-up, then each timed twice; the winner's output is returned.
+        assert calls.take() == {"onednn": 3, "im2col": 2} and clock.reads == 8
         torch.testing.assert_close(first, expected, rtol=1e-5, atol=1e-5)
         assert cache_entries() == {"float32 1x32x8x8 -> 32 k3x3 s1x1 p1x1": chosen}
         # Known now: one run, by the winner, no timing.
         assert torch.equal(conv(x), first)
-    assert calls.take() == {"onednn": 0, "im2col": 0} | {chosen: 1} and clock.reads == 4
+    assert calls.take() == {"onednn": 0, "im2col": 0} | {chosen: 1} and clock.reads == 8
+
+
+def test_one_busy_moment_does_not_decide(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu_conv, "MIN_FLOPS", 0)
+    # im2col's first timed run is disturbed (5 s), its second is not (1 s); oneDNN takes 2 s both times.
+    monkeypatch.setattr(cpu_conv, "_clock", ScriptedClock(5.0, 2.0, 1.0, 2.0))
+    with torch.inference_mode():
+        wide_conv(16, 16)(torch.randn(1, 16, 8, 8))
+    assert cache_entries() == {"float32 1x16x8x8 -> 16 k3x3 s1x1 p1x1": "im2col"}
 
 
 def test_each_shape_is_measured_once_and_a_new_process_reads_the_file(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cpu_conv, "MIN_FLOPS", 0)
-    monkeypatch.setattr(cpu_conv, "_clock", ScriptedClock(im2col=1.0, onednn=2.0))
+    monkeypatch.setattr(cpu_conv, "_clock", ScriptedClock(1.0, 2.0))
     conv = wide_conv(16, 16)
     with torch.inference_mode():
         conv(torch.randn(1, 16, 8, 8))
@@ -145,7 +155,7 @@ def test_each_shape_is_measured_once_and_a_new_process_reads_the_file(monkeypatc
     assert calls.take() == {"onednn": 0, "im2col": 1}
     # Another machine (or thread count) measures again; both answers are kept.
     monkeypatch.setattr(devices, "machine_key", lambda: "another CPU | torch 9 | 2 threads")
-    monkeypatch.setattr(cpu_conv, "_clock", ScriptedClock(im2col=2.0, onednn=1.0))
+    monkeypatch.setattr(cpu_conv, "_clock", ScriptedClock(2.0, 1.0))
     with torch.inference_mode():
         conv(torch.randn(2, 16, 8, 8))
     cache = json.loads(devices.probe_cache_file(cpu_conv.CACHE_FILE).read_text())
@@ -155,7 +165,7 @@ def test_each_shape_is_measured_once_and_a_new_process_reads_the_file(monkeypatc
 
 def test_a_corrupt_or_unwritable_cache_only_costs_a_measurement(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog) -> None:
     monkeypatch.setattr(cpu_conv, "MIN_FLOPS", 0)
-    monkeypatch.setattr(cpu_conv, "_clock", ScriptedClock(im2col=1.0, onednn=2.0))
+    monkeypatch.setattr(cpu_conv, "_clock", ScriptedClock(1.0, 2.0))
     path = devices.probe_cache_file(cpu_conv.CACHE_FILE)
     path.parent.mkdir(parents=True)
     path.write_text("{not json")

@@ -53,6 +53,36 @@ def assert_same_picture(ours, reference) -> None:
     assert (difference > 0).mean() < 0.01, f"{(difference > 0).mean():.2%} of the values differ"
 
 
+class ScriptedClock:
+    """A clock for the CPU measurements (``devices``' precision probe, ``cpu_conv``): each timed run
+    lasts the next of ``durations`` seconds, cycled. A measurement reads the clock twice per timed
+    run and alternates its contestants, so ``ScriptedClock(1.0, 2.0)`` makes the first 1 s, the second 2 s.
+    """
+
+    def __init__(self, *durations: float) -> None:
+        self.durations = durations
+        self.now, self.reads = 0.0, 0
+
+    def __call__(self) -> float:
+        if self.reads % 2 == 1:  # the end of a run
+            self.now += self.durations[(self.reads // 2) % len(self.durations)]
+        self.reads += 1
+        return self.now
+
+
+@pytest.fixture
+def fresh_cpu_measurements(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """An empty cache folder, no answer remembered from earlier in this process, no override: the
+    CPU measurements (precision probe, convolution algorithms) start as on a new machine."""
+    from stable_diffusion import cpu_conv, devices
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv(devices.CPU_DTYPE_ENV, raising=False)
+    monkeypatch.delenv(cpu_conv.CPU_CONV_ENV, raising=False)
+    monkeypatch.setattr(devices, "_probed", {})
+    monkeypatch.setattr(cpu_conv, "_choices", {})
+
+
 @pytest.fixture(autouse=True)
 def _deterministic() -> None:
     torch.manual_seed(0)

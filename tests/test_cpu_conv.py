@@ -12,34 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import ScriptedClock
 from stable_diffusion import cpu_conv, devices
 from stable_diffusion.layers import Conv2d
 
 
-@pytest.fixture(autouse=True)
-def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """A fresh cache folder, no choice remembered from earlier in this process, no override."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.delenv(cpu_conv.CPU_CONV_ENV, raising=False)
-    monkeypatch.setattr(cpu_conv, "_choices", {})
-
-
-class ScriptedClock:
-    """A clock under which the measurement's timed runs last ``durations`` seconds, in turn (cycled).
-
-    The measurement reads the clock twice per timed run, alternating im2col and oneDNN: so
-    ``ScriptedClock(1.0, 2.0)`` is im2col 1 s, oneDNN 2 s.
-    """
-
-    def __init__(self, *durations: float) -> None:
-        self.durations = durations
-        self.now, self.reads = 0.0, 0
-
-    def __call__(self) -> float:
-        if self.reads % 2 == 1:
-            self.now += self.durations[(self.reads // 2) % len(self.durations)]
-        self.reads += 1
-        return self.now
+pytestmark = pytest.mark.usefixtures("fresh_cpu_measurements")
 
 
 class Calls:

@@ -12,15 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import ScriptedClock
 from stable_diffusion import devices
 
 
-@pytest.fixture(autouse=True)
-def _isolated_probe(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """A fresh cache folder and no answer remembered from earlier in this process."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.delenv(devices.CPU_DTYPE_ENV, raising=False)
-    monkeypatch.setattr(devices, "_probed", {})
+pytestmark = pytest.mark.usefixtures("fresh_cpu_measurements")
 
 
 class CountingProbe:
@@ -33,23 +29,6 @@ class CountingProbe:
     def __call__(self) -> dict[str, float]:
         self.calls += 1
         return dict(self.timings)
-
-
-class FakeClock:
-    """A clock under which every float32 run of the op mix lasts ``float32`` s and every bfloat16 run ``bfloat16`` s.
-
-    The probe reads the clock twice per timed run and alternates float32, bfloat16.
-    """
-
-    def __init__(self, float32: float, bfloat16: float) -> None:
-        self.durations = (float32, bfloat16)
-        self.now, self.reads = 0.0, 0
-
-    def __call__(self) -> float:
-        if self.reads % 2 == 1:  # the end of a run
-            self.now += self.durations[(self.reads // 2) % 2]
-        self.reads += 1
-        return self.now
 
 
 @pytest.mark.parametrize(
@@ -80,7 +59,7 @@ def no_op_mix(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, torch.dty
 
 @pytest.mark.parametrize(("bfloat16", "expected"), [(0.5, torch.bfloat16), (1.5, torch.float32)])
 def test_probe_measures_both_rounds_with_its_clock(monkeypatch: pytest.MonkeyPatch, no_op_mix, bfloat16: float, expected) -> None:
-    clock = FakeClock(float32=1.0, bfloat16=bfloat16)
+    clock = ScriptedClock(1.0, bfloat16)
     monkeypatch.setattr(devices, "_clock", clock)
     timings = devices.measure_cpu_dtypes()
     assert timings == {"float32": 1.0, "bfloat16": bfloat16}
@@ -90,7 +69,7 @@ def test_probe_measures_both_rounds_with_its_clock(monkeypatch: pytest.MonkeyPat
 
 
 def test_probe_stops_after_the_small_round_when_bf16_is_emulated(monkeypatch: pytest.MonkeyPatch, no_op_mix) -> None:
-    clock = FakeClock(float32=1.0, bfloat16=devices.EMULATED_SLOWDOWN * 2)
+    clock = ScriptedClock(1.0, devices.EMULATED_SLOWDOWN * 2)
     monkeypatch.setattr(devices, "_clock", clock)
     assert devices.measure_cpu_dtypes()["bfloat16"] == devices.EMULATED_SLOWDOWN * 2
     assert clock.reads == 2 * 2 * 10

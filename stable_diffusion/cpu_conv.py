@@ -11,13 +11,15 @@ over unfolded patches (im2col: Chellapilla et al., 2006) on the UNet's small, wi
 oneDNN reorders the weights into its blocked layout at every call (a 1280-channel 3×3 kernel is
 59 MB: 14,401 fresh pages touched per call), which costs more than the arithmetic on a small map;
 im2col multiplies the weights as they are stored, but copies the input nine times, which costs
-more on a large one.
+more on a large one. How much the reorder costs depends on whether the allocator hands out fresh
+pages or reuses its heap: in a process holding three pipelines (a benchmark's), oneDNN took 20 ms
+for the 8² convolution above, and im2col's advantage mostly went; hence a measurement, not a rule.
 
 Where the line falls depends on the CPU, its thread count and the precision, so nothing here is
 decided from flags or sizes: the first time a shape is met, both algorithms run it, the faster is
 kept (im2col must win by ``IM2COL_MIN_SPEEDUP``: oneDNN is the default everyone else runs) and the
 answer is cached in a small JSON file beside the precision probe's (see ``devices``), keyed by CPU
-model, torch version and thread count. Timing a shape costs about four extra runs of it, once per
+model, torch version and thread count. Timing a shape costs about five extra runs of it, once per
 machine (the first 512² image meets 25 shapes), then nothing. The two algorithms agree to
 float32 rounding (relative 1e-5), as two BLAS libraries would.
 
@@ -166,7 +168,8 @@ def _measure(shape: str, algorithms: dict[str, Callable[[], torch.Tensor]]) -> t
         return algorithms[choices[shape]]()
     if not choices:
         logger.info("Timing CPU convolution algorithms for each new shape (once per machine; cached).")
-    algorithms["onednn"]()  # untimed: oneDNN builds its kernel for a shape on first use
+    for run in algorithms.values():  # untimed: oneDNN builds its kernel, both allocate their buffers
+        run()
     seconds, outputs = dict.fromkeys(ALGORITHMS, math.inf), {}
     # Best of TIMED_ROUNDS interleaved runs: on a shared machine the noise is other processes' time,
     # only ever added, and one busy moment must not settle a shape for good.

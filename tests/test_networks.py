@@ -153,22 +153,14 @@ def test_unet_matches_diffusers(unet_pair, batch: int, t) -> None:
         assert max_abs_diff(ours(x, t, context), expected) < TOL
 
 
-def test_unet_latent_sides_not_multiple_of_downsampling(unet_pair) -> None:
+@pytest.mark.parametrize("algorithm", [None, *cpu_conv.ALGORITHMS])
+def test_unet_latent_sides_not_multiple_of_downsampling(unet_pair, monkeypatch, algorithm: str | None) -> None:
+    """Also with every convolution by oneDNN or by im2col (what ``cpu_conv`` chooses between)."""
+    if algorithm is not None:
+        monkeypatch.setenv(cpu_conv.CPU_CONV_ENV, algorithm)
     config, reference, ours = unet_pair
     generator = torch.Generator().manual_seed(3)
-    x = torch.randn(1, 4, 10, 6, generator=generator)  # 10 -> 5 -> 3 and 6 -> 3 -> 2
-    context = torch.randn(1, 77, config.cross_attention_dim, generator=generator)
-    with torch.no_grad():
-        assert max_abs_diff(ours(x, 500, context), reference(x, 500, context).sample) < TOL
-
-
-@pytest.mark.parametrize("algorithm", cpu_conv.ALGORITHMS)
-def test_unet_matches_diffusers_with_either_convolution_algorithm(unet_pair, monkeypatch, algorithm: str) -> None:
-    """Every convolution by oneDNN or by im2col (what ``cpu_conv`` chooses between), odd sides included."""
-    monkeypatch.setenv(cpu_conv.CPU_CONV_ENV, algorithm)
-    config, reference, ours = unet_pair
-    generator = torch.Generator().manual_seed(3)
-    x = torch.randn(2, 4, 10, 6, generator=generator)
+    x = torch.randn(2, 4, 10, 6, generator=generator)  # 10 -> 5 -> 3 and 6 -> 3 -> 2
     context = torch.randn(2, 77, config.cross_attention_dim, generator=generator)
     t = torch.tensor([3.0, 500.5])
     with torch.no_grad():

@@ -13,7 +13,9 @@ tiny model, or any Hub repo id, local folder or single file; one model is in mem
 
 The page's parts are in webui/; they only call the stable_diffusion package. Nothing keeps state
 between requests, so concurrent users each get exactly their own settings' result; generation
-requests queue one at a time on the single model.
+requests queue one at a time on the single model. On a CPU the app makes one image of its own as
+soon as the page answers (a warm-up: the first image on a machine times its convolutions), so that
+the first visitor's image is as fast as the next.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import argparse
 import json
 import logging
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -34,7 +37,8 @@ from stable_diffusion.samplers import SAMPLERS
 from webui.generation import generation_tab
 from webui.inpaint import inpaint_tab
 from webui.inputs import refuse_decompression_bombs
-from webui.models import KnownModel, ModelLoader, ModelPicker, catalogue, default_source, known_models, recommended
+from webui.models import (KnownModel, ModelLoader, ModelPicker, catalogue, default_source, known_models, recommended,
+                          warm_up)
 from webui.noise import noise_tab
 from webui.png_info import png_info_tab
 from webui.sdapi import api_routes, parse_logins
@@ -217,7 +221,12 @@ def main(argv: list[str] | None = None) -> None:
     # ssr_mode=False: a Node front server (GRADIO_SSR_MODE) would not pass /sdapi/v1 on to this one.
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
                 allowed_paths=[str(EXAMPLES_DIR)], theme=gr.themes.Soft(), css=CSS, app_kwargs={"routes": routes},
-                ssr_mode=False)
+                ssr_mode=False, prevent_thread_lock=True)
+    if served.pipe is not None and served.pipe.device.type == "cpu":
+        # A first image on a CPU times each convolution shape (stable_diffusion.cpu_conv): pay that once
+        # the page answers, before a visitor's image, rather than during it. A GPU has no such cost here.
+        threading.Thread(target=warm_up, args=(served,), name="warm-up", daemon=True).start()
+    demo.block_thread()
 
 
 if __name__ == "__main__":

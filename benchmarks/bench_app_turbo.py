@@ -1,13 +1,19 @@
-"""Time the app's first SD-Turbo image on this machine: real-shape random weights, chosen in the picker.
+"""Time the app's SD-Turbo images on this machine: real-shape random weights, as a new Space gets them.
 
 The "Done when" check of the app's few-step defaults: SD-Turbo's networks (SD 2.1-base's shapes,
 random weights, from the real configs in tests/fixtures) with SD-Turbo's own scheduler file, and a
 random TAESD of the real shape, written once under benchmarks/cache/ by make_full_size.py (5.2 GB).
-The script starts ``app.py`` on a tiny model with ``--tiny-vae`` pointing at that TAESD, picks the
-SD-Turbo folder with the picker's ``/load_model``, then times 512x512 images through
-``gradio_client`` at the defaults the page offers after the switch (1 step, guidance 0, Euler a,
-tiny decoder), each with its live previews (a 1-step run has none: its only preview would be the
-image itself, which the app does not decode twice):
+Each app starts with an empty cache folder (``XDG_CACHE_HOME``), as a Space's new container does,
+so the CPU measurements (precision, convolution algorithms) start from nothing:
+
+* **started on SD-Turbo** (a CPU's default model): the app warms up with one image of its own
+  before serving (``webui.models.warm_up``); the script waits for it, then times the images;
+* **switched to SD-Turbo** in the picker of an app started on a tiny model: the first image after
+  the switch times the new convolution shapes.
+
+Images are 512x512 through ``gradio_client`` at the defaults the page offers for SD-Turbo (1 step,
+guidance 0, Euler a, tiny decoder), each with its live previews (a 1-step run has none: its only
+preview would be the image itself, which the app does not decode twice):
 
     python benchmarks/bench_app_turbo.py              # prints the timings and the machine's load
 
@@ -17,10 +23,12 @@ The app runs with the CPU's default precision, as a visitor's server would.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,24 +43,54 @@ from webui.models import FEW_STEP  # noqa: E402
 
 def time_app(turbo: Path, taesd: Path, *, repeats: int) -> None:
     from gradio_client import Client
-    from test_app import make_tiny_model, serve_app
+    from test_app import make_tiny_model, wait_for
 
     with tempfile.TemporaryDirectory(prefix="bench-app-") as scratch:
         folder = Path(scratch)
         tiny = make_tiny_model(folder / "tiny-random")
-        # All the cores, as a server would use them (the tests run the app on one thread).
-        with serve_app("--model", str(tiny), "--device", "cpu", "--tiny-vae", str(taesd),
-                       log=folder / "app.log", threads=None) as url:
+        settings = dict(sampler=FEW_STEP.sampler, steps=FEW_STEP.steps, guidance_scale=FEW_STEP.guidance_scale,
+                        width=512, height=512, decoder="tiny")
+
+        print("started on SD-Turbo:")
+        log = folder / "started.log"
+        with app_with_empty_cache(folder / "cache-started", taesd, "--model", str(turbo), log=log) as (url, started):
+            print(f"  answering {time.perf_counter() - started:.1f} s after start")
+            wait_for(lambda: "Warmed up" in log.read_text(), "the warm-up image", timeout=600)
+            print(f"  warmed up {time.perf_counter() - started:.1f} s after start: "
+                  + next(line for line in log.read_text().splitlines() if "Warmed up" in line).split(": ", 1)[1])
+            client = Client(url, verbose=False, download_files=str(folder / "downloads"))
+            for repeat in range(repeats):
+                time_one_image(client, settings, seed=repeat)
+
+        print("switched to SD-Turbo in the picker:")
+        with app_with_empty_cache(folder / "cache-switched", taesd, "--model", str(tiny), log=folder / "switched.log") as (
+                url, _started):
             client = Client(url, verbose=False, download_files=str(folder / "downloads"))
             start = time.perf_counter()
             _title, header = client.predict(str(turbo), api_name="/load_model")
-            print(f"switch to {turbo.name}: {time.perf_counter() - start:.1f} s; load average {os.getloadavg()}")
-            print(header.splitlines()[-1])
-            # The page's defaults after the switch (tests/test_picker.py checks that it offers these).
-            settings = dict(sampler=FEW_STEP.sampler, steps=FEW_STEP.steps, guidance_scale=FEW_STEP.guidance_scale,
-                            width=512, height=512, decoder="tiny")
+            print(f"  switch to {turbo.name}: {time.perf_counter() - start:.1f} s; load average {os.getloadavg()}")
+            print("  " + header.splitlines()[-1])
             for repeat in range(repeats):
                 time_one_image(client, settings, seed=repeat)
+
+
+@contextlib.contextmanager
+def app_with_empty_cache(cache: Path, taesd: Path, *args: str, log: Path) -> Iterator[tuple[str, float]]:
+    """``app.py ARGS`` with the tiny decoder, all the cores and nothing measured yet; yields (URL, start time)."""
+    from test_app import serve_app
+
+    saved = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(cache)
+    os.environ.setdefault("HF_HOME", str(Path.home() / ".cache" / "huggingface"))  # the Hub's cache stays put
+    try:
+        started = time.perf_counter()
+        with serve_app(*args, "--device", "cpu", "--tiny-vae", str(taesd), log=log, threads=None) as url:
+            yield url, started
+    finally:
+        if saved is None:
+            os.environ.pop("XDG_CACHE_HOME")
+        else:
+            os.environ["XDG_CACHE_HOME"] = saved
 
 
 def time_one_image(client, settings: dict, *, seed: int) -> None:
@@ -71,9 +109,9 @@ def time_one_image(client, settings: dict, *, seed: int) -> None:
     previews = [output for output in job.outputs()[:-1] if isinstance(output[1], str)]
     size = Image.open(gallery[0]["image"]).size
     shown = "none" if first_preview is None else f"{first_preview:.1f} s"
-    print(f"image {size[0]}x{size[1]} in {seconds:.1f} s (first preview at {shown}, {len(previews)} previews); "
+    print(f"  image {size[0]}x{size[1]} in {seconds:.1f} s (first preview at {shown}, {len(previews)} previews); "
           f"load average before {load_before:.1f}, after {os.getloadavg()[0]:.1f}")
-    print("  " + parameters.splitlines()[-1])
+    print("    " + parameters.splitlines()[-1])
 
 
 def main() -> None:

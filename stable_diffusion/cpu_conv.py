@@ -20,8 +20,9 @@ decided from flags or sizes: the first time a shape is met, both algorithms run 
 kept (im2col must win by ``IM2COL_MIN_SPEEDUP``: oneDNN is the default everyone else runs) and the
 answer is cached in a small JSON file beside the precision probe's (see ``devices``), keyed by CPU
 model, torch version and thread count. Timing a shape costs about five extra runs of it, once per
-machine (the first 512² image meets 25 shapes), then nothing. The two algorithms agree to
-float32 rounding (relative 1e-5), as two BLAS libraries would.
+machine (the first 512² image meets 25 shapes), then nothing; a server pays it before its first
+visitor with an image of its own (the app's warm-up). The two algorithms agree to float32 rounding
+(relative 1e-5), as two BLAS libraries would.
 
 Only inference (no autograd) of plain, zero-padded float32 or bfloat16 convolutions on contiguous
 (not channels-last) inputs has the choice; everything else, and anything under ``torch.compile``, is

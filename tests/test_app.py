@@ -185,6 +185,13 @@ def test_page_header_names_model_device_and_precision(app_url: str, tiny_model: 
     assert "cpu" in text and "float32" in text
 
 
+def test_on_a_cpu_the_app_warms_up_before_its_first_request(client: Client, app_log: Path) -> None:
+    # One 1-step image of its own, in the model's queue, started before any visitor's job.
+    wait_for(lambda: "Warmed up: a 64x64 image of" in app_log.read_text(), "the warm-up image")
+    jobs = [line for line in app_log.read_text().splitlines() if "Job started" in line]
+    assert jobs[0].endswith("Job started: txt2img via warm-up")
+
+
 def test_text_to_image_sizes_seeds_and_png_parameters(client: Client) -> None:
     gallery, parameters = text_to_image(client, "a red circle on a blue background", seed=1234, num_images=2,
                                         width=80, height=64)

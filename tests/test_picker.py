@@ -29,9 +29,11 @@ from test_app import (APP, EXAMPLE_IMAGE, FAST, REPO, gallery_images, make_tiny_
                       text_to_image, wait_for)
 from test_lora import kohya_keys, random_lora, write
 
+from stable_diffusion import cpu_conv
 from stable_diffusion.clip import CLIPTextConfig, CLIPTextModel
 from stable_diffusion.hub import DEFAULT_MODEL, DEFAULT_TINY_VAE, ModelLoadError, load
 from stable_diffusion.pipelines import StableDiffusion
+from stable_diffusion.request import GenerationRequest
 from stable_diffusion.schedules import SchedulerConfig
 from stable_diffusion.taesd import TAESDConfig, TinyAutoencoder
 from stable_diffusion.unet import UNet, UNetConfig
@@ -39,7 +41,7 @@ from stable_diffusion.vae import AutoencoderKL, VAEConfig
 from stable_diffusion.weights import build_on_meta
 from webui.generation import Controls, with_lora_tag
 from webui.models import (FEW_STEP, LCM_DISTILLED, LCM_PLAIN, SD_TURBO, STANDARD, ModelLoader, default_source,
-                          known_models, recommended)
+                          known_models, recommended, warm_up)
 from webui.served import ServedModel, switch_model
 
 TINY_SHAPES = REPO / "models" / "tiny-shapes"
@@ -117,6 +119,44 @@ def test_recommended_settings_are_read_from_the_model() -> None:
     assert recommended(pipe_on_meta(lcm)) == LCM_PLAIN
     assert (LCM_DISTILLED.sampler, LCM_DISTILLED.steps, LCM_DISTILLED.guidance_scale) == ("lcm", 4, 8.0)
     assert LCM_PLAIN.guidance_scale == 1.0
+
+
+@pytest.mark.parametrize("spacing", ["trailing", None], ids=["few-step", "standard"])
+def test_the_warm_up_times_every_convolution_shape_a_first_image_meets(
+        spacing: str | None, tmp_path: Path, fresh_cpu_measurements: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu_conv, "MIN_FLOPS", 0)  # the tiny model's convolutions are all cheaper than that
+    pipe = load(make_tiny_model(tmp_path / "tiny"), device="cpu", dtype=torch.float32)
+    pipe = dataclasses.replace(pipe, scheduler=dataclasses.replace(pipe.scheduler, timestep_spacing=spacing))
+    settings = recommended(pipe)
+    guided = settings.guidance_scale > 1  # the standard settings: each UNet call a batch of two
+    assert settings.kind == ("few-step" if spacing else "")
+    served = ServedModel(pipe)
+    warm_up(served)
+    measured = dict(cpu_conv._machine_choices())
+    assert len(measured) >= 5 and all(shape.split()[1].startswith("2x" if guided else "1x") for shape in measured)
+
+    def no_timing() -> float:
+        raise AssertionError("a convolution shape was timed after the warm-up")
+
+    # The first visitor's image at the page's defaults has nothing left to time.
+    monkeypatch.setattr(cpu_conv, "_clock", no_timing)
+    request = GenerationRequest("a red circle", steps=settings.steps, sampler=settings.sampler,
+                                guidance_scale=settings.guidance_scale, seed=5)
+    assert served.generate([request], door="page")[0].images[0].size == (64, 64)
+    assert cpu_conv._machine_choices() == measured
+
+
+def test_a_failed_warm_up_is_logged_and_the_server_goes_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    pipe = load(make_tiny_model(tmp_path / "tiny"), device="cpu", dtype=torch.float32)
+
+    def out_of_memory(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("out of memory, say")
+
+    monkeypatch.setattr(pipe, "generate", out_of_memory)
+    warm_up(ServedModel(pipe))  # does not raise
+    assert "Warm-up image failed" in caplog.text and "out of memory, say" in caplog.text
+    warm_up(ServedModel(None))  # no model: nothing to warm up
 
 
 def test_insert_appends_a_lora_tag() -> None:

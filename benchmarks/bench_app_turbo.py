@@ -15,7 +15,7 @@ Images are 512x512 through ``gradio_client`` at the defaults the page offers for
 guidance 0, Euler a, tiny decoder), each with its live previews (a 1-step run has none: its only
 preview would be the image itself, which the app does not decode twice):
 
-    python benchmarks/bench_app_turbo.py              # prints the timings and the machine's load
+    python benchmarks/bench_app_turbo.py    # prints the timings -> benchmarks/results/app-turbo.md
 
 The app runs with the CPU's default precision, as a visitor's server would.
 """
@@ -40,6 +40,15 @@ from PIL import Image  # noqa: E402
 
 from webui.models import FEW_STEP  # noqa: E402
 
+RESULTS = ROOT / "benchmarks" / "results" / "app-turbo.md"
+_report: list[str] = []
+
+
+def report(line: str) -> None:
+    """Print ``line`` and keep it for the results file."""
+    print(line, flush=True)
+    _report.append(line)
+
 
 def time_app(turbo: Path, taesd: Path, *, repeats: int) -> None:
     from gradio_client import Client
@@ -51,25 +60,25 @@ def time_app(turbo: Path, taesd: Path, *, repeats: int) -> None:
         settings = dict(sampler=FEW_STEP.sampler, steps=FEW_STEP.steps, guidance_scale=FEW_STEP.guidance_scale,
                         width=512, height=512, decoder="tiny")
 
-        print("started on SD-Turbo:")
+        report("started on SD-Turbo:")
         log = folder / "started.log"
         with app_with_empty_cache(folder / "cache-started", taesd, "--model", str(turbo), log=log) as (url, started):
-            print(f"  answering {time.perf_counter() - started:.1f} s after start")
+            report(f"  answering {time.perf_counter() - started:.1f} s after start")
             wait_for(lambda: "Warmed up" in log.read_text(), "the warm-up image", timeout=600)
-            print(f"  warmed up {time.perf_counter() - started:.1f} s after start: "
+            report(f"  warmed up {time.perf_counter() - started:.1f} s after start: "
                   + next(line for line in log.read_text().splitlines() if "Warmed up" in line).split(": ", 1)[1])
             client = Client(url, verbose=False, download_files=str(folder / "downloads"))
             for repeat in range(repeats):
                 time_one_image(client, settings, seed=repeat)
 
-        print("switched to SD-Turbo in the picker:")
+        report("switched to SD-Turbo in the picker:")
         with app_with_empty_cache(folder / "cache-switched", taesd, "--model", str(tiny), log=folder / "switched.log") as (
                 url, _started):
             client = Client(url, verbose=False, download_files=str(folder / "downloads"))
             start = time.perf_counter()
             _title, header = client.predict(str(turbo), api_name="/load_model")
-            print(f"  switch to {turbo.name}: {time.perf_counter() - start:.1f} s; load average {os.getloadavg()}")
-            print("  " + header.splitlines()[-1])
+            report(f"  switch to {turbo.name}: {time.perf_counter() - start:.1f} s; load average {os.getloadavg()}")
+            report("  " + header.splitlines()[-1])
             for repeat in range(repeats):
                 time_one_image(client, settings, seed=repeat)
 
@@ -109,9 +118,9 @@ def time_one_image(client, settings: dict, *, seed: int) -> None:
     previews = [output for output in job.outputs()[:-1] if isinstance(output[1], str)]
     size = Image.open(gallery[0]["image"]).size
     shown = "none" if first_preview is None else f"{first_preview:.1f} s"
-    print(f"  image {size[0]}x{size[1]} in {seconds:.1f} s (first preview at {shown}, {len(previews)} previews); "
+    report(f"  image {size[0]}x{size[1]} in {seconds:.1f} s (first preview at {shown}, {len(previews)} previews); "
           f"load average before {load_before:.1f}, after {os.getloadavg()[0]:.1f}")
-    print("    " + parameters.splitlines()[-1])
+    report("    " + parameters.splitlines()[-1])
 
 
 def main() -> None:
@@ -121,10 +130,12 @@ def main() -> None:
     start = time.perf_counter()
     turbo = make_full_size(default_out("sd-turbo"), model="sd-turbo")
     taesd = make_full_size(default_out("taesd"), model="taesd")
-    print(f"models ready in {time.perf_counter() - start:.0f} s")
+    report(f"models ready in {time.perf_counter() - start:.0f} s")
     description = machine()
-    print(f"machine: {description['cpu']}, {description['cpu_cores']} cores, torch {description['torch']}")
+    report(f"machine: {description['cpu']}, {description['cpu_cores']} cores, torch {description['torch']}")
+    report(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load average {os.getloadavg()}")
     time_app(turbo, taesd, repeats=args.repeats)
+    RESULTS.write_text("Output of `python benchmarks/bench_app_turbo.py`:\n\n```\n" + "\n".join(_report) + "\n```\n")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,7 +40,7 @@ from stable_diffusion.taesd import TAESDConfig, TinyAutoencoder
 from stable_diffusion.unet import UNet, UNetConfig
 from stable_diffusion.vae import AutoencoderKL, VAEConfig
 from stable_diffusion.weights import build_on_meta
-from webui.generation import Controls, with_lora_tag
+from webui.generation import Controls, stream_generation, with_lora_tag
 from webui.models import (FEW_STEP, LCM_DISTILLED, LCM_PLAIN, SD_TURBO, STANDARD, ModelLoader, default_source,
                           known_models, recommended, warm_up)
 from webui.served import ServedModel, switch_model
@@ -157,6 +158,37 @@ def test_a_failed_warm_up_is_logged_and_the_server_goes_on(tmp_path: Path, monke
     warm_up(ServedModel(pipe))  # does not raise
     assert "Warm-up image failed" in caplog.text and "out of memory, say" in caplog.text
     warm_up(ServedModel(None))  # no model: nothing to warm up
+
+
+def test_a_page_request_behind_the_warm_up_is_told_what_it_waits_for(tmp_path: Path) -> None:
+    served = ServedModel(load(make_tiny_model(tmp_path / "tiny"), device="cpu", dtype=torch.float32))
+    settings = dict(FAST, seed=3)
+    shown: list[str] = []
+
+    def progress(value: object, *, desc: str, unit: str = "") -> None:
+        shown.append(desc)
+
+    # Nobody ahead: no word of waiting.
+    updates = list(stream_generation(served, "a red circle", dict(settings), None, progress))
+    assert len(updates[-1][0]) == 1 and not any("Waiting" in str(update[2]) for update in updates)
+
+    holding, release = threading.Event(), threading.Event()
+
+    def warm_up_job() -> None:
+        with served.queue.turn("txt2img", door="warm-up"):
+            holding.set()
+            release.wait(60)
+
+    threading.Thread(target=warm_up_job, daemon=True).start()
+    assert holding.wait(10)
+    shown.clear()
+    stream = stream_generation(served, "a red circle", dict(settings), None, progress)
+    first = next(stream)  # while the warm-up holds the model
+    assert first[2].startswith("Waiting for the server's warm-up image") and shown == [first[2]]
+    release.set()
+    rest = list(stream)
+    assert not any("Waiting" in str(update[2]) for update in rest)
+    assert len(rest[-1][0]) == 1 and rest[-1][0][0][1] == "seed 3"
 
 
 def test_insert_appends_a_lora_tag() -> None:

@@ -28,6 +28,7 @@ from stable_diffusion.samplers import SAMPLERS
 from .errors import RequestError, user_error
 from .inputs import CheckedDropdown, CheckedImage, CheckedNumber, CheckedSlider
 from .inside_views import DEFAULT_STEPS_SHOWN, InsideOptions, InsideViews, Recorded, enlarged, observers
+from .jobs import Job
 from .models import lora_names, recommended
 from .served import ServedModel, gpu
 
@@ -47,6 +48,8 @@ MAX_IMAGES = 4
 GENERATION_CONCURRENCY = 1
 # Live previews of small models are tiny (32 px for the bundled one): shown at least this large.
 PREVIEW_SIDE = 256
+# How often a request that waits for the model looks at what it waits for, to tell the page.
+WAIT_POLL_S = 0.5
 DECODER_CHOICES = [("Full VAE", "full"), ("Tiny (TAESD)", "tiny")]
 # The weight "Insert" writes into a LoRA tag: the web UIs' habit, a style that does not take over.
 LORA_WEIGHT = 0.8
@@ -283,7 +286,9 @@ def stream_generation(served: ServedModel, prompt: str, settings: dict[str, Any]
     The sampler's callback feeds a queue that this generator drains, so a slow browser never slows
     the sampling (previews it could not show in time are skipped). When Gradio closes the
     generator (the user pressed Stop or went away), ``finally`` sets the cancel event and the
-    pipeline stops at its next step.
+    pipeline stops at its next step. While the request waits for the model behind a job that
+    Gradio's queue does not show (the server's warm-up, a REST API request, a model load), the
+    page is told what it waits for.
     """
     served.require()
     try:
@@ -295,12 +300,26 @@ def stream_generation(served: ServedModel, prompt: str, settings: dict[str, Any]
     inputs = {"image": image, "mask": mask, **(observe or {})}
     threading.Thread(target=_work, args=(served, request, inputs, updates, cancel), name="generation",
                      daemon=True).start()
+    waiting, shown = True, ""
     try:
         while True:
-            update = updates.get()
+            try:
+                update = updates.get(timeout=WAIT_POLL_S)
+            except queue.Empty:
+                message = _waiting_message(served.queue.running) if waiting else ""
+                if message and message != shown:  # say what the request waits for, once per thing
+                    shown = message
+                    progress(0.0, desc=message)
+                    yield gr.skip(), gr.skip(), message, gr.skip()
+                continue
             while not updates.empty():  # skip to the newest; "done"/"error" always come last
                 update = updates.get_nowait()
             kind, *payload = update
+            waiting = False  # every update is sent from the request's own turn, or ends it
+            if kind == "turn":
+                if shown:
+                    yield gr.skip(), gr.skip(), "Generating", gr.skip()  # no longer waiting
+                continue
             if kind == "error":
                 raise user_error(payload[0])
             if kind == "stopped":  # by POST /sdapi/v1/interrupt: the page's own Stop closes this generator first
@@ -330,13 +349,27 @@ def _work(served: ServedModel, request: GenerationRequest, inputs: dict[str, Any
         updates.put(("step", step, total, preview))
 
     try:
-        result = served.generate([request], door="page", callback=on_step, cancel=cancel, **inputs)[0]
+        result = served.generate([request], door="page", callback=on_step, cancel=cancel,
+                                 on_turn=lambda: updates.put(("turn",)), **inputs)[0]
         updates.put(("done", result))
     except GenerationCancelled as error:  # the user pressed Stop or left, or an API client interrupted it
         logger.info("Generation stopped: %s", error)
         updates.put(("stopped", error))
     except Exception as error:  # handed to the generator, which reports it on the page
         updates.put(("error", error))
+
+
+def _waiting_message(job: Job | None) -> str:
+    """What a request waiting for its turn is told about the job running before it ("" when none runs)."""
+    if job is None:
+        return ""
+    if job.door == "warm-up":
+        return ("Waiting for the server's warm-up image: its first image on this machine also measures the CPU, "
+                "once. Yours comes next.")
+    if job.name == "load model":
+        return f"Waiting while the server loads the model {job.door}."
+    door = {"page": "the page", "api": "the REST API"}.get(job.door, job.door)
+    return f"Waiting for the model: another request ({job.name}, via {door}) runs first."
 
 
 def _png_files(result: Generation, folder: Path) -> list[tuple[str, str]]:

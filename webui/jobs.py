@@ -40,6 +40,7 @@ class Job:
     """
 
     name: str
+    door: str = ""  # who asked: "page", "api", "warm-up", ...
     parts: int = 1
     part: int = 0
     step: int = 0
@@ -123,7 +124,7 @@ class GenerationQueue:
             finally:
                 self._waiting.remove(ticket)
                 self._condition.notify_all()
-            job = self._running = Job(name, parts=parts)
+            job = self._running = Job(name, door=door, parts=parts)
             logger.info("Job started: %s via %s", name, door)
         try:
             yield job

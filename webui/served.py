@@ -63,17 +63,20 @@ class ServedModel:
     def generate(self, requests: Sequence[GenerationRequest], *, door: str, image: Image.Image | None = None,
                  mask: Image.Image | None = None, callback: StepCallback | None = None,
                  cancel: CancelToken | None = None, trajectory: StepChoice = 0, guidance_maps: StepChoice = 0,
-                 attention_maps: bool = False) -> list[Generation]:
+                 attention_maps: bool = False, on_turn: Callable[[], None] | None = None) -> list[Generation]:
         """Run ``requests`` one after the other in one turn of the model's queue, on the model served then.
 
         ``door`` says who asked (for the log); ``image``, ``mask``, ``callback``, ``cancel`` and the
         observers of the inside (``trajectory``, ``guidance_maps``, ``attention_maps``: off by
         default, the plain path) as for ``StableDiffusion.generate``. An interrupt of the job
-        (``queue.interrupt()``) stops it as ``cancel`` does.
+        (``queue.interrupt()``) stops it as ``cancel`` does. ``on_turn()`` is called when the turn
+        begins; until then the request waits behind ``queue.running``.
         """
         name = "txt2img" if image is None else "img2img" if mask is None else "inpaint"
         with self.queue.turn(name, door=door, parts=len(requests), cancel=cancel) as job:
             job.pipe = self.require()
+            if on_turn is not None:
+                on_turn()
             results = []
             for part, request in enumerate(requests):
                 job.part, job.step = part, 0

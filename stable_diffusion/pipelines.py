@@ -30,7 +30,9 @@ import dataclasses
 import logging
 import os
 import secrets
-from collections.abc import Callable, Sequence
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -225,6 +227,7 @@ class StableDiffusion:
     # Fitted once here, read-only afterwards: safe to share between threads.
     _latent_rgb: LatentRGB | None = field(default=None, init=False, repr=False)
     _loras: LoraStack = field(init=False, repr=False)
+    _prompt_states: _RecentPromptStates = field(default_factory=lambda: _RecentPromptStates(), init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._loras = LoraStack(text_encoder=self.text_encoder, unet=self.unet)
@@ -371,17 +374,25 @@ class StableDiffusion:
         on its own and the windows are concatenated along the sequence; the UNet's
         cross-attention accepts any context length. ``num_windows`` pads with windows of the
         empty prompt, so a prompt and its negative can be stacked.
+
+        The states of the last few prompts are kept (``_RecentPromptStates``): a new seed, or the
+        next image of a batch of requests, does not encode the same prompt again.
         """
         windows = self._windows(prompt)
         if num_windows is not None:
             length = self.text_encoder.config.max_position_embeddings
             windows += [prompts.empty_window(self.tokenizer, length=length)] * (num_windows - len(windows))
-        input_ids = torch.tensor([window.ids for window in windows], dtype=torch.long, device=self.device)
-        weights = torch.tensor([window.weights for window in windows], device=self.device)
-        with torch.inference_mode():
-            hidden = self.text_encoder(input_ids, skip_last_layers=clip_skip - 1)
-            hidden = prompts.apply_emphasis(hidden, weights)
-        return hidden.reshape(1, -1, hidden.shape[-1])
+
+        def encode() -> torch.Tensor:
+            input_ids = torch.tensor([window.ids for window in windows], dtype=torch.long, device=self.device)
+            weights = torch.tensor([window.weights for window in windows], device=self.device)
+            with torch.inference_mode():
+                hidden = self.text_encoder(input_ids, skip_last_layers=clip_skip - 1)
+                hidden = prompts.apply_emphasis(hidden, weights)
+            return hidden.reshape(1, -1, hidden.shape[-1])
+
+        key = (prompt, clip_skip, len(windows), _weights_state(self.text_encoder))
+        return self._prompt_states.get(key, encode)
 
     def encode(self, pixels: torch.Tensor, *, generator: torch.Generator | None = None, sample: bool = True) -> torch.Tensor:
         """Model-space latents (scaled by the latent factor, float32) of images in [-1, 1].
@@ -480,6 +491,41 @@ class StableDiffusion:
 
     def _windows(self, text: str) -> list[prompts.TokenWindow]:
         return prompts.token_windows(self.tokenizer, text, length=self.text_encoder.config.max_position_embeddings)
+
+
+class _RecentPromptStates:
+    """The text encoder's states of the last ``SIZE`` prompts, as the web UIs keep their last conditioning.
+
+    A key holds everything the states depend on: the text, clip skip, the window count, and the
+    text encoder's weights as ``_weights_state`` sees them, so a LoRA merge never meets states of
+    the weights before it. Callers get a copy; one lock makes it safe for concurrent requests.
+    """
+
+    SIZE = 8
+
+    def __init__(self) -> None:
+        self._states: OrderedDict[Hashable, torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable, encode: Callable[[], torch.Tensor]) -> torch.Tensor:
+        with self._lock:
+            states = self._states.get(key)
+            if states is not None:
+                self._states.move_to_end(key)
+        if states is None:
+            states = encode()
+            with self._lock:
+                self._states[key] = states
+                while len(self._states) > self.SIZE:
+                    self._states.popitem(last=False)
+        with torch.inference_mode():
+            return states.clone()
+
+
+def _weights_state(network: torch.nn.Module) -> tuple[tuple[int, int], ...]:
+    """Each parameter's storage and version counter: an in-place change (``copy_``, as LoRA merges and
+    ``load_state_dict`` make) bumps the version, and ``to()`` or new weights change the storage."""
+    return tuple((parameter.data_ptr(), parameter._version) for parameter in network.parameters())
 
 
 def _request_size(pipe: StableDiffusion, request: GenerationRequest, image: Image.Image | None) -> tuple[int, int]:

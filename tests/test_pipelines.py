@@ -126,6 +126,48 @@ def test_guidance_one_is_a_single_conditional_pass(reference, ours):
     assert np.abs(as_uint8(result.images) - expected).max() <= 1
 
 
+def test_a_prompt_is_encoded_once_until_the_text_encoders_weights_change(tiny_sd1_folder, tmp_path):
+    from test_lora import kohya_keys, random_lora, write
+
+    pipe = load(tiny_sd1_folder, device="cpu", dtype=torch.float32)
+    calls = []
+    pipe.text_encoder.register_forward_hook(lambda module, args, output: calls.append(args[0].shape))
+    first = pipe.encode_prompt("a red circle")
+    again = pipe.encode_prompt("a red circle")
+    assert len(calls) == 1 and torch.equal(first, again) and first is not again
+    pipe.text_to_image("a red circle", width=SIZE, height=SIZE, steps=2, seed=1)  # and its empty negative
+    pipe.text_to_image("a red circle", width=SIZE, height=SIZE, steps=2, seed=2)
+    assert len(calls) == 2  # the empty negative prompt's encoding
+    # Another clip skip or window count is another entry.
+    pipe.encode_prompt("a red circle", clip_skip=2)
+    pipe.encode_prompt("a red circle", num_windows=2)
+    assert len(calls) == 4
+
+    # A LoRA merged into the text encoder, and taken out again: each state is its own.
+    write(tmp_path, "style", kohya_keys(random_lora(build_tiny_reference_pipeline("sd1"), seed=3)))
+    pipe.load_lora(tmp_path / "style.safetensors")
+    merged = pipe.encode_prompt("a red circle")
+    assert len(calls) == 5 and not torch.allclose(merged, first)
+    pipe.unload_lora()
+    assert torch.equal(pipe.encode_prompt("a red circle"), first) and len(calls) == 6
+    # Weights loaded by hand (load_state_dict copies in place) are seen too.
+    state = {name: torch.randn_like(value) for name, value in pipe.text_encoder.state_dict().items()}
+    pipe.text_encoder.load_state_dict(state)
+    assert not torch.allclose(pipe.encode_prompt("a red circle"), first) and len(calls) == 7
+
+
+def test_only_the_last_prompts_states_are_kept(ours):
+    from stable_diffusion.pipelines import _RecentPromptStates
+
+    states = _RecentPromptStates()
+    encoded = []
+    for i in range(_RecentPromptStates.SIZE + 1):
+        states.get(i, lambda i=i: encoded.append(i) or torch.full((1,), float(i)))
+    states.get(_RecentPromptStates.SIZE, lambda: encoded.append("again") or torch.zeros(1))  # the newest: kept
+    states.get(0, lambda: encoded.append("again") or torch.zeros(1))  # the oldest: dropped
+    assert encoded[-2:] == [_RecentPromptStates.SIZE, "again"]
+
+
 def test_same_seed_same_image_and_seed_i_is_seed_plus_i(ours):
     options = dict(width=SIZE, height=SIZE, steps=4, sampler="euler_a")
     first = ours.text_to_image("a cat", seed=11, num_images=2, **options)

@@ -210,7 +210,8 @@ class _Inpaint(_Mode):
 class StableDiffusion:
     """A loaded Stable Diffusion model: the three networks, the tokenizer and the schedule.
 
-    Holds no per-request state, so one instance serves concurrent requests. ``max_pixels`` and
+    Holds no per-request state (its recent prompts' encodings are a cache keyed by all they depend
+    on), so one instance serves concurrent requests. ``max_pixels`` and
     ``max_images`` bound a request (a server's protection; raise them for batch work).
     """
 

@@ -37,17 +37,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
 from make_full_size import default_out, make_full_size  # noqa: E402
-from run import machine  # noqa: E402
+from run import machine, timed  # noqa: E402
 
 import stable_diffusion  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 PROMPT = "a photograph of an astronaut riding a horse"
-
-
-def synchronise(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def alternate(calls: dict[str, Callable[[], object]], device: torch.device, repeats: int) -> dict[str, dict]:
@@ -57,11 +52,8 @@ def alternate(calls: dict[str, Callable[[], object]], device: torch.device, repe
         for name in (list(calls) if round_ % 2 == 0 else list(reversed(calls))):
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            synchronise(device)
-            start = time.perf_counter()
-            rows[name]["output"] = calls[name]()
-            synchronise(device)
-            rows[name]["seconds"].append(time.perf_counter() - start)
+            seconds, rows[name]["output"] = timed(calls[name], device)
+            rows[name]["seconds"].append(seconds)
             if device.type == "cuda":
                 rows[name]["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     for row in rows.values():

@@ -148,7 +148,8 @@ def _synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(fn: Callable[[], Any], device) -> tuple[float, Any]:
+def timed(fn: Callable[[], Any], device) -> tuple[float, Any]:
+    """Seconds of ``fn()`` on ``device`` (its queued GPU work included), and its result."""
     _synchronize(device)
     start = time.perf_counter()
     out = fn()
@@ -181,9 +182,9 @@ def child_load(impl: str, folder: Path, device_name: str, dtype_name: str) -> di
 
     torch.set_num_threads(bench_threads())
     device, dtype = torch.device(device_name), getattr(torch, dtype_name)
-    import_s, _ = _timed(IMPLEMENTATIONS[impl].import_library, device)
+    import_s, _ = timed(IMPLEMENTATIONS[impl].import_library, device)
     baseline = rss_mib()
-    seconds, model = _timed(functools.partial(IMPLEMENTATIONS[impl], folder, device=device, dtype=dtype), device)
+    seconds, model = timed(functools.partial(IMPLEMENTATIONS[impl], folder, device=device, dtype=dtype), device)
     peak_load = peak_rss_mib()
     inputs = _inputs(64, device=device, dtype=dtype)  # small: memory is about the weights here
     with torch.inference_mode():
@@ -235,7 +236,7 @@ def child_compute(
             outputs = {}
             for rep in range(reps):
                 for model in models if rep % 2 == 0 else reversed(models):
-                    seconds, outputs[model.name] = _timed(functools.partial(call, model), device)
+                    seconds, outputs[model.name] = timed(functools.partial(call, model), device)
                     times[bench][model.name].append(seconds)
             # The same computation on both sides: how far apart the outputs are (random weights).
             max_abs_diff[bench] = float((outputs["ours"].float() - outputs["diffusers"].float()).abs().max())
@@ -244,7 +245,7 @@ def child_compute(
     bench = f"text_to_image_{size}_{steps}_steps"
     for model in models:
         if model.name in whole_images:
-            seconds, image = _timed(functools.partial(model.text_to_image, size=size, steps=steps), device)
+            seconds, image = timed(functools.partial(model.text_to_image, size=size, steps=steps), device)
             times.setdefault(bench, {})[model.name] = [seconds]
             IMAGES.mkdir(parents=True, exist_ok=True)
             image.save(IMAGES / f"{model.name}-{device.type}-{dtype_name}-{size}-{steps}.png")

@@ -228,10 +228,11 @@ class StableDiffusion:
     # Fitted once here, read-only afterwards: safe to share between threads.
     _latent_rgb: LatentRGB | None = field(default=None, init=False, repr=False)
     _loras: LoraStack = field(init=False, repr=False)
-    _prompt_states: _RecentPromptStates = field(default_factory=lambda: _RecentPromptStates(), init=False, repr=False)
+    _prompt_states: _RecentPromptStates = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._loras = LoraStack(text_encoder=self.text_encoder, unet=self.unet)
+        self._prompt_states = _RecentPromptStates()
         # A model loaded on the meta device (checked, without weights) has nothing to fit.
         if self.device.type != "meta" and sum(p.numel() for p in self.vae.parameters()) >= CHEAP_DECODE_PARAMETERS:
             self._latent_rgb = LatentRGB.fit(

@@ -317,7 +317,10 @@ class StableDiffusion:
         """The one generation path: text-to-image; image-to-image with ``image``; inpainting with a ``mask`` too.
 
         ``<lora:NAME:WEIGHT>`` tags in the prompt apply that LoRA (found in ``lora_dirs``) to this
-        request only: it runs alone, and the weights are restored exactly afterwards.
+        request and no other. As in the web UIs, it stays merged for the next request with the
+        same tags, which then merges nothing; a request with other tags or none swaps it out first
+        (exactly), and so does ``unload_lora()``. Direct calls of ``unet`` and ``encode_prompt``
+        after a tagged request see the networks as it left them.
 
         Observers of the run (``inside``), off by default: ``trajectory`` and ``guidance_maps``
         choose steps (``n``: n steps spread from the first to the last; or a list of step indices
@@ -359,7 +362,8 @@ class StableDiffusion:
         return self._loras.load(source, scale, name=name, **options)
 
     def unload_lora(self, name: str | None = None) -> None:
-        """Remove one loaded LoRA (or all): the weights become exactly what they were without it."""
+        """Remove one loaded LoRA (or all, with those a request's tags left merged): the weights
+        become exactly what they were without it."""
         self._loras.unload(name)
 
     @property

@@ -535,34 +535,87 @@ def test_unknown_name_lists_the_available_ones(tmp_path: Path) -> None:
         find_lora("anime", [tmp_path])
 
 
-def test_applied_lasts_for_one_request(folders, tmp_path: Path) -> None:
+def versions(pipe) -> list[int]:
+    """Every weight's version counter: an in-place write (a merge, a restore) advances it."""
+    return [p._version for model in (pipe.unet, pipe.text_encoder) for p in model.parameters()]
+
+
+def test_applied_keeps_a_request_merged_until_other_tags(folders, tmp_path: Path) -> None:
     reference = build_tiny_reference_pipeline("sd1")
-    persistent, tagged = random_lora(reference, seed=15), random_lora(reference, seed=16)
+    persistent, tagged, rewritten = (random_lora(reference, seed=seed) for seed in (15, 16, 17))
     lora_dir = tmp_path / "loras"
     lora_dir.mkdir()
     write(lora_dir, "tagged", kohya_keys(tagged))
     pipe, stack = ours(folders, "sd1")
     stack.load(write(tmp_path, "persistent", kohya_keys(persistent)), SCALE)
     before = snapshot(pipe)
+    patch_by_hand(reference, persistent, SCALE)
 
     # what prompts.extract_lora_tags makes of "<lora:tagged:0.5:1.2>": text encoder 0.5, UNet 1.2
     tags = [SimpleNamespace(name="tagged", text_encoder_weight=0.5, unet_weight=1.2)]
     with stack.applied(tags, lora_dirs=[lora_dir]):
-        patch_by_hand(reference, persistent, SCALE)
         patch_by_hand(reference, tagged, 1.2, text_encoder_scale=0.5)
         assert_outputs_match(pipe, reference)
-        assert stack.names == ["persistent", "<lora:tagged> #0"]
-    assert_unchanged(pipe, before)
-    assert stack.names == ["persistent"]
+        assert stack.names == ["persistent"]  # a request's own are not "loaded"
+    merged, written_once = snapshot(pipe), versions(pipe)
 
+    # The same tags again: nothing is merged (no weight written).
+    with stack.applied(tags, lora_dirs=[lora_dir]):
+        assert_unchanged(pipe, merged)
+    assert versions(pipe) == written_once
     with pytest.raises(RuntimeError, match="generation failed"), stack.applied(tags, lora_dirs=[lora_dir]):
         raise RuntimeError("generation failed")
-    assert_unchanged(pipe, before)
+    assert_unchanged(pipe, merged)
+
+    # A request without tags swaps them out, exactly; an unknown tag changes nothing.
+    with stack.applied([], lora_dirs=[lora_dir]):
+        assert_unchanged(pipe, before)
     missing = SimpleNamespace(name="missing", text_encoder_weight=1.0, unet_weight=1.0)
     with pytest.raises(LoraError, match="unknown LoRA 'missing'.*Available: tagged"):
         with stack.applied([*tags, missing], lora_dirs=[lora_dir]):
             pass
     assert_unchanged(pipe, before)
+
+    # Other weights, or the file rewritten on disk, are other tags; unload() takes a request's out too.
+    half = [SimpleNamespace(name="tagged", text_encoder_weight=0.5, unet_weight=0.6)]
+    with stack.applied(half, lora_dirs=[lora_dir]):
+        reference = build_tiny_reference_pipeline("sd1")
+        patch_by_hand(reference, persistent, SCALE)
+        patch_by_hand(reference, tagged, 0.6, text_encoder_scale=0.5)
+        assert_outputs_match(pipe, reference)
+    time.sleep(0.01)  # a new modification time, even on coarse clocks
+    write(lora_dir, "tagged", kohya_keys(rewritten))
+    with stack.applied(half, lora_dirs=[lora_dir]):
+        reference = build_tiny_reference_pipeline("sd1")
+        patch_by_hand(reference, persistent, SCALE)
+        patch_by_hand(reference, rewritten, 0.6, text_encoder_scale=0.5)
+        assert_outputs_match(pipe, reference)
+    stack.unload()
+    assert stack.names == []
+    with stack.applied([], lora_dirs=[lora_dir]):
+        assert_outputs_match(pipe, build_tiny_reference_pipeline("sd1"))
+
+
+def test_weights_changed_under_a_kept_request_are_not_undone(folders, tmp_path: Path, caplog) -> None:
+    """Training or load_state_dict after a tagged request: restoring the originals would undo it."""
+    reference = build_tiny_reference_pipeline("sd1")
+    lora_dir = tmp_path / "loras"
+    lora_dir.mkdir()
+    write(lora_dir, "tagged", kohya_keys(random_lora(reference, seed=16)))
+    pipe, stack = ours(folders, "sd1")
+    tags = [SimpleNamespace(name="tagged", text_encoder_weight=1.0, unet_weight=1.0)]
+    with stack.applied(tags, lora_dirs=[lora_dir]):
+        pass
+    with torch.no_grad():
+        pipe.unet.conv_in.weight.add_(1.0)  # an optimizer step, say
+    changed = snapshot(pipe)
+    with stack.applied([], lora_dirs=[lora_dir]):
+        assert_unchanged(pipe, changed)
+    assert "changed in place while <lora:tagged> #0 of an earlier request was merged" in caplog.text
+    with stack.applied(tags, lora_dirs=[lora_dir]):  # merged again, on top of the weights as they are
+        assert not torch.equal(pipe.unet.conv_in.weight, changed["unet.conv_in.weight"])
+    with stack.applied([], lora_dirs=[lora_dir]):
+        assert_unchanged(pipe, changed)
 
 
 def test_half_precision_weights_unload_exactly(folders, tmp_path: Path) -> None:
@@ -692,3 +745,22 @@ def test_pipeline_tag_equals_load_lora_and_leaks_into_nothing(folders, tmp_path:
 
     with pytest.raises(LoraError, match="unknown LoRA 'nope'.*Available: styled"):
         pipe.text_to_image("a cat <lora:nope:1>", **options)
+
+
+def test_pipeline_repeats_a_tagged_prompt_without_merging_or_encoding(folders, tmp_path: Path) -> None:
+    """Another seed of a tagged prompt: the LoRA stays merged, so the prompt's states are reused too."""
+    lora_dir = tmp_path / "loras"
+    lora_dir.mkdir()
+    write(lora_dir, "styled", kohya_keys(random_lora(build_tiny_reference_pipeline("sd1"), seed=21)))
+    pipe = load(folders["sd1"], device="cpu", dtype=torch.float32, lora_dirs=[lora_dir])
+    options = dict(width=32, height=32, steps=2, sampler="euler")
+    pipe.text_to_image("a dog <lora:styled:0.7>", **options, seed=1)
+    written, encodings = versions(pipe), []
+    pipe.text_encoder.register_forward_hook(lambda *_: encodings.append(1))
+    again = pipe.text_to_image("a dog <lora:styled:0.7>", **options, seed=2)
+    assert versions(pipe) == written and encodings == []
+    pipe.unload_lora()
+    assert versions(pipe) != written
+    pipe.load_lora(lora_dir / "styled.safetensors", 0.7)
+    np.testing.assert_array_equal(np.asarray(pipe.text_to_image("a dog", **options, seed=2).images[0]),
+                                  np.asarray(again.images[0]))

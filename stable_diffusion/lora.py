@@ -467,18 +467,10 @@ class LoraStack:
         """Takes out the last request's LoRAs and merges these instead (exclusive lock held)."""
         if wanted == self._request_tags and self._request_untouched():
             return  # another request swapped them in while this one waited
-        if not self._request_untouched():
-            # Restoring the originals would undo someone else's change; theirs is kept, with ours in it.
-            logger.warning(
-                "The weights were changed in place while %s of an earlier request was merged into them: "
-                "it stays in them. Load the model again for weights without it.", ", ".join(self._request_names))
-            for name in self._request_names:
-                for key in self._loaded.pop(name)[0].layers:
-                    if not any(key in lora.layers for lora, _ in self._loaded.values()):
-                        self._originals.pop(key, None)
-                        self._versions.pop(key, None)
-        else:
+        if self._request_untouched():
             self._remove(self._request_names)
+        else:
+            self._forget_request_loras()
         self._request_tags, self._request_names = (), []
         added: list[str] = []
         try:
@@ -489,6 +481,18 @@ class LoraStack:
             self._remove(added)
             raise
         self._request_tags, self._request_names = wanted, added
+
+    def _forget_request_loras(self) -> None:
+        """Drops the last request's LoRAs without restoring the weights: someone changed them in
+        place since, and restoring the originals would undo that change."""
+        logger.warning(
+            "The weights were changed in place while %s of an earlier request was merged into them: "
+            "it stays in them. Load the model again for weights without it.", ", ".join(self._request_names))
+        for name in self._request_names:
+            for key in self._loaded.pop(name)[0].layers:
+                if not any(key in lora.layers for lora, _ in self._loaded.values()):
+                    self._originals.pop(key, None)
+                    self._versions.pop(key, None)
 
     # ---------------------------------------------------------------- reading
     def read(
@@ -635,7 +639,7 @@ class LoraStack:
             if in_place:
                 flat = weight.view(weight.shape[0], -1)
                 (layer, scale), *updates = updates
-                layer.add_to(flat, scale, base=original.to(weight.device).view_as(flat))
+                layer.add_to(flat, scale, base=original.to(weight.device, torch.float32).view_as(flat))
             else:
                 flat = original.to(weight.device, torch.float32, copy=True).flatten(1)
             for layer, scale in updates:

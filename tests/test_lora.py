@@ -630,6 +630,24 @@ def test_half_precision_weights_unload_exactly(folders, tmp_path: Path) -> None:
     assert_unchanged(pipe, before)
 
 
+def test_a_request_merges_over_a_lora_loaded_in_another_precision(folders, tmp_path: Path) -> None:
+    """Originals kept in bfloat16, weights since moved to float32 (``pipe.to``): merging still works."""
+    reference = build_tiny_reference_pipeline("sd1")
+    lora_dir = tmp_path / "loras"
+    lora_dir.mkdir()
+    write(lora_dir, "tagged", kohya_keys(random_lora(reference, seed=16)))
+    pipe = load(folders["sd1"], device="cpu", dtype=torch.bfloat16)
+    stack = LoraStack(text_encoder=pipe.text_encoder, unet=pipe.unet)
+    before = snapshot(pipe)
+    stack.load(write(tmp_path, "persistent", kohya_keys(random_lora(reference, seed=15))), SCALE)
+    pipe.to(dtype=torch.float32)
+    tags = [SimpleNamespace(name="tagged", text_encoder_weight=1.0, unet_weight=1.0)]
+    with stack.applied(tags, lora_dirs=[lora_dir]):
+        assert pipe.unet.conv_in.weight.dtype == torch.float32
+    stack.unload()
+    assert_unchanged(pipe, {name: weight.float() for name, weight in before.items()})
+
+
 # ---------------------------------------------------------------------------------- full size
 @pytest.mark.slow
 def test_each_family_at_sd15_shapes(tmp_path: Path, hub_layouts: Path) -> None:

@@ -438,9 +438,10 @@ class LoraStack:
         restores the weights exactly. Every tag is resolved and checked before any weight changes.
         """
         files = [find_lora(tag.name, lora_dirs) for tag in tags]
+        stats = [file.stat() for file in files]
         wanted = tuple(
-            (str(file), file.stat().st_mtime_ns, file.stat().st_size, tag.text_encoder_weight, tag.unet_weight)
-            for tag, file in zip(tags, files, strict=True)
+            (str(file), stat.st_mtime_ns, stat.st_size, tag.text_encoder_weight, tag.unet_weight)
+            for tag, file, stat in zip(tags, files, stats, strict=True)
         )
         with self._lock.shared():
             if wanted == self._request_tags and self._request_untouched():
@@ -465,9 +466,10 @@ class LoraStack:
 
     def _swap_request_loras(self, wanted: tuple[tuple[object, ...], ...], loras: list[tuple[Lora, LoraTagLike]]) -> None:
         """Takes out the last request's LoRAs and merges these instead (exclusive lock held)."""
-        if wanted == self._request_tags and self._request_untouched():
+        untouched = self._request_untouched()
+        if wanted == self._request_tags and untouched:
             return  # another request swapped them in while this one waited
-        if self._request_untouched():
+        if untouched:
             self._remove(self._request_names)
         else:
             self._forget_request_loras()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -350,6 +351,7 @@ def test_a_switch_waits_for_the_running_generation(app_url: str, models: dict[st
     assert "Model: tiny-turbo" in text_to_image(first, "a red circle", seed=3)[1]
     log = app_log.read_text()[log_start:]
     assert log.index("Job finished: txt2img") < log.index("Job started: load model")
+    assert re.search(r"Job finished: txt2img via page in \d+\.\d\d s", log)  # how long it held the model
 
 
 def test_api_clients_get_the_new_models_bounds(client: Client, app_url: str, base: str, tmp_path: Path) -> None:

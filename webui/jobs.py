@@ -130,7 +130,7 @@ class GenerationQueue:
             yield job
         finally:
             with self._condition:
-                logger.info("Job finished: %s via %s", name, door)
+                logger.info("Job finished: %s via %s in %.2f s", name, door, time.monotonic() - job.started)
                 self._running = None
                 self._condition.notify_all()
 

@@ -13,7 +13,9 @@ so the CPU measurements (precision, convolution algorithms) start from nothing:
 
 Images are 512x512 through ``gradio_client`` at the defaults the page offers for SD-Turbo (1 step,
 guidance 0, Euler a, tiny decoder), each with its live previews (a 1-step run has none: its only
-preview would be the image itself, which the app does not decode twice):
+preview would be the image itself, which the app does not decode twice); then, for the live preview,
+one image at 2 steps and one at 1 step with the full decoder, each previewed by the tiny decoder
+before the image:
 
     python benchmarks/bench_app_turbo.py    # prints the timings -> benchmarks/results/app-turbo.md
 
@@ -70,6 +72,9 @@ def time_app(turbo: Path, taesd: Path, *, repeats: int) -> None:
             client = Client(url, verbose=False, download_files=str(folder / "downloads"))
             for repeat in range(repeats):
                 time_one_image(client, settings, seed=repeat)
+            report("  with something to preview before the image (the live preview shows the tiny decoder's x̂0):")
+            time_one_image(client, {**settings, "steps": 2}, seed=0)
+            time_one_image(client, {**settings, "decoder": "full"}, seed=0)
 
         report("switched to SD-Turbo in the picker:")
         with app_with_empty_cache(folder / "cache-switched", taesd, "--model", str(tiny), log=folder / "switched.log") as (

@@ -12,10 +12,10 @@ so the CPU measurements (precision, convolution algorithms) start from nothing:
   the switch times the new convolution shapes.
 
 Images are 512x512 through ``gradio_client`` at the defaults the page offers for SD-Turbo (1 step,
-guidance 0, Euler a, tiny decoder), each with its live previews (a 1-step run has none: its only
-preview would be the image itself, which the app does not decode twice); then, for the live preview,
-one image at 2 steps and one at 1 step with the full decoder, each previewed by the tiny decoder
-before the image:
+guidance 0, Euler a, tiny decoder), each with its live previews (in a 1-step run the preview pane
+shows the finished picture before the gallery's files arrive: its only x̂0 is the image, which the
+app does not decode twice); then one image at 2 steps and one at 1 step with the full decoder, each
+previewed by the tiny decoder before the image:
 
     python benchmarks/bench_app_turbo.py    # prints the timings -> benchmarks/results/app-turbo.md
 

@@ -245,14 +245,18 @@ def test_live_previews_then_stop(client: Client, app_log: Path) -> None:
     final_gallery, _, _ = job.result(timeout=60)
     previews = [output for output in job.outputs()[:-1] if isinstance(output[1], str)]
     assert previews, "no live preview was streamed"
-    for _gallery, preview, status in previews:
+    for _gallery, preview, _status in previews:
         # The 64 px preview, scaled up 4x without smoothing: every 4x4 block is one pixel.
         shown = pixels(Image.open(preview))
         assert shown.shape == (256, 256, 3)
         np.testing.assert_array_equal(shown, np.repeat(np.repeat(shown[::4, ::4], 4, axis=0), 4, axis=1))
-        assert status.startswith("Step ") and status.endswith(" of 6")
-    # The last step's preview would be the image decoded a second time: the image comes instead.
-    assert "Step 6 of 6" not in [status for _gallery, _preview, status in previews]
+    *steps, (_gallery, last_preview, last_status) = previews
+    assert steps and all(status.startswith("Step ") and status.endswith(" of 6") for _g, _p, status in steps)
+    # The last step's preview would be the image decoded a second time: the image itself is shown
+    # in the preview pane instead, before the gallery's files are written (the 64 px image, 4x).
+    assert "Step 6 of 6" not in [status for _gallery, _preview, status in steps]
+    assert last_status == "Finished: saving the PNG files"
+    np.testing.assert_array_equal(pixels(Image.open(last_preview))[::4, ::4], pixels(gallery_images(final_gallery)[0]))
     assert final_gallery[0]["caption"] == "seed 3"
 
     # A long request, stopped after its first preview: the server says so and serves the next one.

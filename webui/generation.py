@@ -48,6 +48,8 @@ MAX_IMAGES = 4
 GENERATION_CONCURRENCY = 1
 # Live previews of small models are tiny (32 px for the bundled one): shown at least this large.
 PREVIEW_SIDE = 256
+# The status while the finished images are written as PNG files and sent.
+SAVING = "Finished: saving the PNG files"
 # How often a request that waits for the model looks at what it waits for, to tell the page.
 WAIT_POLL_S = 0.5
 DECODER_CHOICES = [("Full VAE", "full"), ("Tiny (TAESD)", "tiny")]
@@ -330,6 +332,10 @@ def stream_generation(served: ServedModel, prompt: str, settings: dict[str, Any]
             progress((step + 1, total), desc="Denoising", unit="steps")
             yield gr.skip(), gr.skip() if preview is None else preview, f"Step {step + 1} of {total}", gr.skip()
         result: Generation = payload[0]
+        # The picture in the preview pane as soon as it exists, before its PNG files are written and
+        # sent: the last step's preview was skipped where it would have decoded the image twice, so
+        # this is the run's last x̂0 (how a 1-step run gets a preview), and the pane ends on the result.
+        yield gr.skip(), enlarged(grid(result.images), PREVIEW_SIDE), SAVING, gr.skip()
         with tempfile.TemporaryDirectory(prefix="sd-app-") as folder:
             # Gradio copies the files into its cache while handling this yield, before the folder goes.
             yield (_png_files(result, Path(folder)), gr.skip(), "\n\n".join(result.parameters),

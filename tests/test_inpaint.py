@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
-from PIL import Image, ImageFilter
+from PIL import Image
 from safetensors.torch import save_file
 
 from conftest import HUB_LAYOUTS, assert_same_picture

@@ -13,7 +13,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from PIL import Image, PngImagePlugin
+from PIL import Image
 
 from conftest import assert_same_picture, build_tiny_reference_pipeline
 from stable_diffusion.hub import load

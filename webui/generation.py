@@ -332,10 +332,10 @@ def stream_generation(served: ServedModel, prompt: str, settings: dict[str, Any]
             progress((step + 1, total), desc="Denoising", unit="steps")
             yield gr.skip(), gr.skip() if preview is None else preview, f"Step {step + 1} of {total}", gr.skip()
         result: Generation = payload[0]
-        # The picture in the preview pane as soon as it exists, before its PNG files are written and
-        # sent: the last step's preview was skipped where it would have decoded the image twice, so
-        # this is the run's last x̂0 (how a 1-step run gets a preview), and the pane ends on the result.
-        yield gr.skip(), enlarged(grid(result.images), PREVIEW_SIDE), SAVING, gr.skip()
+        # The finished picture in the preview pane as soon as it exists, before its PNG files are
+        # written and sent: it stands for the last step's preview where that one was skipped (a
+        # 1-step run gets its preview so), and the pane always ends on the result.
+        yield gr.skip(), _shown_in_preview(result.images), SAVING, gr.skip()
         with tempfile.TemporaryDirectory(prefix="sd-app-") as folder:
             # Gradio copies the files into its cache while handling this yield, before the folder goes.
             yield (_png_files(result, Path(folder)), gr.skip(), "\n\n".join(result.parameters),
@@ -351,7 +351,7 @@ def _work(served: ServedModel, request: GenerationRequest, inputs: dict[str, Any
         # The last step's preview would be the image itself, decoded twice in a row (a second of a
         # 1-step SD-Turbo run on a CPU): the image comes sooner without it.
         image_next = step + 1 == total and served.pipe.preview_decoder == request.decoder
-        preview = None if image_next else enlarged(grid(served.pipe.preview(x0_latents)), PREVIEW_SIDE)
+        preview = None if image_next else _shown_in_preview(served.pipe.preview(x0_latents))
         updates.put(("step", step, total, preview))
 
     try:
@@ -363,6 +363,11 @@ def _work(served: ServedModel, request: GenerationRequest, inputs: dict[str, Any
         updates.put(("stopped", error))
     except Exception as error:  # handed to the generator, which reports it on the page
         updates.put(("error", error))
+
+
+def _shown_in_preview(images: list[Image.Image]) -> Image.Image:
+    """The images side by side, as the live preview pane shows them (small ones enlarged)."""
+    return enlarged(grid(images), PREVIEW_SIDE)
 
 
 def _waiting_message(job: Job | None) -> str:
